@@ -1,0 +1,313 @@
+//! The graph IR: a DAG of ops on petgraph's `StableGraph` (indices survive node removal,
+//! which passes rely on). Edge weights are operand positions.
+use petgraph::stable_graph::{NodeIndex, StableGraph};
+use petgraph::visit::EdgeRef;
+use petgraph::Direction;
+use qplc_ops::{Op, OpError, TensorType};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+pub type NodeId = NodeIndex<u32>;
+
+/// Which pipeline layer of spec §5.3 a node belongs to. Partitioning works on this list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockKind {
+    /// PrepareInputs: ids, positions, labels, classes.
+    Inputs,
+    Embedding,
+    /// DecoderLayer; the layer index is in `Node::layer`.
+    Decoder,
+    /// Final norm.
+    Norm,
+    /// LM head (projection, logit scale, soft-cap).
+    Head,
+    Loss,
+}
+
+impl BlockKind {
+    /// The reference's pipeline class name (spec §5.6), matched by `type:<regex>`.
+    pub fn pipe_class(self) -> &'static str {
+        match self {
+            BlockKind::Inputs => "PrepareInputsPipe",
+            BlockKind::Embedding => "EmbeddingPipe",
+            BlockKind::Decoder => "DecoderLayerPipe",
+            BlockKind::Norm => "NormPipe",
+            BlockKind::Head => "LmHeadPipe",
+            BlockKind::Loss => "LossPipe",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub op: Op,
+    pub ty: TensorType,
+    /// Hierarchical HF-style module name, e.g. `model.layers.3.self_attn.q_proj`.
+    pub module: String,
+    pub block: BlockKind,
+    /// Decoder layer index, for nodes inside a decoder layer.
+    pub layer: Option<usize>,
+    /// For weights: whether the optimiser updates it (set by adapter passes).
+    #[serde(default)]
+    pub trainable: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error("in module `{module}`: {source}")]
+    Op {
+        module: String,
+        #[source]
+        source: OpError,
+    },
+    #[error("operand {0:?} does not exist in the graph")]
+    MissingOperand(NodeId),
+    #[error("the graph has a cycle through node {0:?}")]
+    Cycle(NodeId),
+    #[error("node {id:?} (`{module}`): stored type {stored} but its op infers {inferred}")]
+    TypeMismatch {
+        id: NodeId,
+        module: String,
+        stored: TensorType,
+        inferred: TensorType,
+    },
+}
+
+/// Where new nodes go: module name, pipeline block and layer.
+#[derive(Clone, Debug)]
+pub struct Scope {
+    pub module: String,
+    pub block: BlockKind,
+    pub layer: Option<usize>,
+}
+
+impl Scope {
+    pub fn new(module: impl Into<String>, block: BlockKind, layer: Option<usize>) -> Self {
+        Scope {
+            module: module.into(),
+            block,
+            layer,
+        }
+    }
+    pub fn child(&self, name: &str) -> Scope {
+        let module = if self.module.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.module)
+        };
+        Scope {
+            module,
+            ..self.clone()
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Graph {
+    pub g: StableGraph<Node, usize>,
+    /// Named results, e.g. `logits`, `loss`.
+    pub outputs: Vec<(String, NodeId)>,
+}
+
+impl Graph {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a node after inferring its type from the operands' types.
+    pub fn add(&mut self, op: Op, operands: &[NodeId], scope: &Scope) -> Result<NodeId, GraphError> {
+        let mut tys = Vec::with_capacity(operands.len());
+        for &o in operands {
+            tys.push(
+                self.g
+                    .node_weight(o)
+                    .ok_or(GraphError::MissingOperand(o))?
+                    .ty
+                    .clone(),
+            );
+        }
+        let ty = op.infer(&tys).map_err(|source| GraphError::Op {
+            module: scope.module.clone(),
+            source,
+        })?;
+        let id = self.g.add_node(Node {
+            op,
+            ty,
+            module: scope.module.clone(),
+            block: scope.block,
+            layer: scope.layer,
+            trainable: false,
+        });
+        for (i, &o) in operands.iter().enumerate() {
+            self.g.add_edge(o, id, i);
+        }
+        Ok(id)
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.g[id]
+    }
+
+    pub fn node_mut(&mut self, id: NodeId) -> &mut Node {
+        &mut self.g[id]
+    }
+
+    /// Operands of a node, in operand order.
+    pub fn operands(&self, id: NodeId) -> Vec<NodeId> {
+        let mut e: Vec<(usize, NodeId)> = self
+            .g
+            .edges_directed(id, Direction::Incoming)
+            .map(|e| (*e.weight(), e.source()))
+            .collect();
+        e.sort_unstable_by_key(|(i, _)| *i);
+        e.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Nodes that use this node's value (each once, in index order).
+    pub fn users(&self, id: NodeId) -> Vec<NodeId> {
+        let mut u: Vec<NodeId> = self
+            .g
+            .edges_directed(id, Direction::Outgoing)
+            .map(|e| e.target())
+            .collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    }
+
+    /// A deterministic topological order: Kahn's algorithm taking the smallest ready index.
+    pub fn topo_order(&self) -> Result<Vec<NodeId>, GraphError> {
+        use std::cmp::Reverse;
+        use std::collections::{BinaryHeap, HashMap};
+        let mut indeg: HashMap<NodeId, usize> = HashMap::new();
+        let mut ready = BinaryHeap::new();
+        for id in self.g.node_indices() {
+            let d = self.g.edges_directed(id, Direction::Incoming).count();
+            indeg.insert(id, d);
+            if d == 0 {
+                ready.push(Reverse(id));
+            }
+        }
+        let mut order = Vec::with_capacity(self.g.node_count());
+        while let Some(Reverse(id)) = ready.pop() {
+            order.push(id);
+            for e in self.g.edges_directed(id, Direction::Outgoing) {
+                let d = indeg.get_mut(&e.target()).expect("node in graph");
+                *d -= 1;
+                if *d == 0 {
+                    ready.push(Reverse(e.target()));
+                }
+            }
+        }
+        if order.len() != self.g.node_count() {
+            let stuck = indeg
+                .into_iter()
+                .filter(|(_, d)| *d > 0)
+                .map(|(id, _)| id)
+                .min()
+                .expect("some node is stuck");
+            return Err(GraphError::Cycle(stuck));
+        }
+        Ok(order)
+    }
+
+    pub fn set_output(&mut self, name: &str, id: NodeId) {
+        self.outputs.retain(|(n, _)| n != name);
+        self.outputs.push((name.to_string(), id));
+    }
+
+    pub fn output(&self, name: &str) -> Option<NodeId> {
+        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+    }
+
+    /// Graph inputs (`Op::Input`) by name.
+    pub fn inputs(&self) -> Vec<(String, NodeId)> {
+        self.g
+            .node_indices()
+            .filter_map(|id| match &self.g[id].op {
+                Op::Input { name, .. } => Some((name.clone(), id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Weights (`Op::Weight`) by checkpoint tensor name.
+    pub fn weights(&self) -> Vec<(String, NodeId)> {
+        self.g
+            .node_indices()
+            .filter_map(|id| match &self.g[id].op {
+                Op::Weight { name, .. } => Some((name.clone(), id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn param_count(&self) -> u64 {
+        self.weights()
+            .iter()
+            .map(|(_, id)| self.g[*id].ty.shape.numel() as u64)
+            .sum()
+    }
+
+    pub fn trainable_param_count(&self) -> u64 {
+        self.weights()
+            .iter()
+            .filter(|(_, id)| self.g[*id].trainable)
+            .map(|(_, id)| self.g[*id].ty.shape.numel() as u64)
+            .sum()
+    }
+
+    /// FLOPs of one execution of the whole graph.
+    pub fn flops(&self) -> u64 {
+        self.g
+            .node_indices()
+            .map(|id| {
+                let tys: Vec<TensorType> = self
+                    .operands(id)
+                    .iter()
+                    .map(|o| self.g[*o].ty.clone())
+                    .collect();
+                self.g[id].op.flops(&tys, &self.g[id].ty)
+            })
+            .sum()
+    }
+
+    /// Checks the invariants every pass must keep: acyclic, operand positions dense, and
+    /// every stored type equal to what its op infers. Run after each pass in tests.
+    pub fn verify(&self) -> Result<(), GraphError> {
+        self.topo_order()?;
+        for id in self.g.node_indices() {
+            let tys: Vec<TensorType> = self
+                .operands(id)
+                .iter()
+                .map(|o| self.g[*o].ty.clone())
+                .collect();
+            let node = &self.g[id];
+            let inferred = node.op.infer(&tys).map_err(|source| GraphError::Op {
+                module: node.module.clone(),
+                source,
+            })?;
+            if inferred != node.ty {
+                return Err(GraphError::TypeMismatch {
+                    id,
+                    module: node.module.clone(),
+                    stored: node.ty.clone(),
+                    inferred,
+                });
+            }
+        }
+        for (_, id) in &self.outputs {
+            if self.g.node_weight(*id).is_none() {
+                return Err(GraphError::MissingOperand(*id));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for BlockKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.pipe_class())
+    }
+}

@@ -1,0 +1,14 @@
+//! The op vocabulary of qplc: element types, static shapes, the ops themselves and their
+//! shape/dtype inference. Knows nothing about graphs, files or devices.
+mod dtype;
+mod infer;
+mod op;
+mod shape;
+
+pub use dtype::DType;
+pub use infer::{broadcast, OpError};
+pub use op::{BinaryOp, Op, ReduceOp, Rope, RopeScaling, UnaryOp};
+pub use shape::{Shape, TensorType};
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,234 @@
+use crate::{DType, Shape, TensorType};
+use serde::{Deserialize, Serialize};
+
+/// Elementwise functions of one tensor. Computed in f32 whatever the storage dtype.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnaryOp {
+    Neg,
+    Exp,
+    Log,
+    Tanh,
+    Sqrt,
+    Rsqrt,
+    Recip,
+    Square,
+    Relu,
+    Sigmoid,
+    /// x·σ(x)
+    Silu,
+    /// exact GELU, x·Φ(x)
+    Gelu,
+    /// GELU with the tanh approximation (`gelu_pytorch_tanh`)
+    GeluTanh,
+}
+
+/// Elementwise functions of two tensors, with NumPy broadcasting (shapes aligned on the right).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReduceOp {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// How rotary frequencies are adjusted for long context (HF `rope_scaling`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    #[default]
+    None,
+    /// Positions divided by `factor` (HF `linear`).
+    Linear { factor: f64 },
+    /// Llama 3.1 frequency-band scaling (HF `llama3`).
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// Rotary position embedding parameters.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Rope {
+    pub theta: f64,
+    /// Leading part of each head that is rotated (`head_dim` unless partial rotary).
+    pub rotary_dim: usize,
+    pub scaling: RopeScaling,
+    /// Pairs are adjacent `(x[2i], x[2i+1])` (Cohere, GPT-J) instead of the two halves
+    /// `(x[i], x[i + d/2])` (Llama's `rotate_half`).
+    pub interleaved: bool,
+}
+
+impl Rope {
+    /// Inverse frequencies `1/θ^(2i/d)` after scaling, one per rotated pair; the same
+    /// formulas as transformers' `_compute_default_rope_parameters` /
+    /// `_compute_llama3_parameters`, evaluated in f64.
+    pub fn inv_freq(&self) -> Vec<f64> {
+        let d = self.rotary_dim as f64;
+        let base: Vec<f64> = (0..self.rotary_dim / 2)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / d))
+            .collect();
+        match &self.scaling {
+            RopeScaling::None => base,
+            RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings: old,
+            } => {
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// The op vocabulary. Layout conventions (row-major, no batch dimension because the
+/// micro-batch is always one sequence):
+/// * activations are `[T, H]`; attention heads are `[T, heads, head_dim]`;
+/// * linear weights are stored as HF does, `[out, in]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// A value fed from outside the graph (token ids, positions, labels).
+    Input { name: String, ty: TensorType },
+    /// A parameter bound to a checkpoint tensor by name.
+    Weight { name: String, ty: TensorType },
+    /// A tensor filled with one value.
+    Fill { value: f64, ty: TensorType },
+    /// `x·Wᵀ (+ b)`: operands `x [.., in]`, `w [out, in]`, optional `b [out]`.
+    Linear,
+    /// Batched matrix product of `a [.., m, k]` and `b [.., k, n]` (after the optional
+    /// transposes of the last two axes); batch dimensions must be equal.
+    MatMul { ta: bool, tb: bool },
+    /// Rows of `table [V, H]` picked by `ids [..]` (integer) → `[.., H]`.
+    Embedding,
+    /// `x / sqrt(mean(x²) + eps) · (offset + w)` over the last axis; operands `x`, `w`.
+    RmsNorm { eps: f64, offset: f64 },
+    /// LayerNorm over the last axis; operands `x`, `w`, optional `b`.
+    LayerNorm { eps: f64 },
+    /// Rotary embedding of `x [T, heads, head_dim]` at positions `pos [T]` (integer).
+    Rope(Rope),
+    /// Causal scaled-dot-product attention with grouped KV heads: `q [T, nh, d]`,
+    /// `k [T, nkv, d]`, `v [T, nkv, d]` → `[T, nh, d]`. Query `i` sees key `j` when
+    /// `j ≤ i` and, with a window `w`, `i − j < w`. `softcap` applies `c·tanh(s/c)` to
+    /// the scaled scores (Gemma-2).
+    Attention {
+        scale: f64,
+        sliding_window: Option<usize>,
+        softcap: Option<f64>,
+    },
+    Unary(UnaryOp),
+    Binary(BinaryOp),
+    /// `x · factor`.
+    Scale { factor: f64 },
+    /// `x + value`.
+    AddScalar { value: f64 },
+    /// `c · tanh(x / c)`.
+    Softcap { cap: f64 },
+    /// Along the last axis.
+    Softmax,
+    /// Along the last axis.
+    LogSoftmax,
+    Reduce {
+        op: ReduceOp,
+        axis: usize,
+        keepdim: bool,
+    },
+    Reshape { shape: Shape },
+    Transpose { perm: Vec<usize> },
+    /// Elements `start..end` along `axis`.
+    Slice { axis: usize, start: usize, end: usize },
+    /// Any number of operands joined along `axis`.
+    Concat { axis: usize },
+    Cast { to: DType },
+}
+
+impl Op {
+    /// Short lower-case name, used in dumps and error messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Input { .. } => "input",
+            Op::Weight { .. } => "weight",
+            Op::Fill { .. } => "fill",
+            Op::Linear => "linear",
+            Op::MatMul { .. } => "matmul",
+            Op::Embedding => "embedding",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::LayerNorm { .. } => "layer_norm",
+            Op::Rope(_) => "rope",
+            Op::Attention { .. } => "attention",
+            Op::Unary(u) => match u {
+                UnaryOp::Neg => "neg",
+                UnaryOp::Exp => "exp",
+                UnaryOp::Log => "log",
+                UnaryOp::Tanh => "tanh",
+                UnaryOp::Sqrt => "sqrt",
+                UnaryOp::Rsqrt => "rsqrt",
+                UnaryOp::Recip => "recip",
+                UnaryOp::Square => "square",
+                UnaryOp::Relu => "relu",
+                UnaryOp::Sigmoid => "sigmoid",
+                UnaryOp::Silu => "silu",
+                UnaryOp::Gelu => "gelu",
+                UnaryOp::GeluTanh => "gelu_tanh",
+            },
+            Op::Binary(b) => match b {
+                BinaryOp::Add => "add",
+                BinaryOp::Sub => "sub",
+                BinaryOp::Mul => "mul",
+                BinaryOp::Div => "div",
+                BinaryOp::Max => "max",
+                BinaryOp::Min => "min",
+            },
+            Op::Scale { .. } => "scale",
+            Op::AddScalar { .. } => "add_scalar",
+            Op::Softcap { .. } => "softcap",
+            Op::Softmax => "softmax",
+            Op::LogSoftmax => "log_softmax",
+            Op::Reduce { op, .. } => match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Mean => "mean",
+                ReduceOp::Max => "reduce_max",
+            },
+            Op::Reshape { .. } => "reshape",
+            Op::Transpose { .. } => "transpose",
+            Op::Slice { .. } => "slice",
+            Op::Concat { .. } => "concat",
+            Op::Cast { .. } => "cast",
+        }
+    }
+
+    /// True for ops with no operands whose value comes from outside (inputs, weights).
+    pub fn is_leaf(&self) -> bool {
+        matches!(self, Op::Input { .. } | Op::Weight { .. } | Op::Fill { .. })
+    }
+}

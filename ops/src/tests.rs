@@ -1,0 +1,106 @@
+use super::*;
+
+fn t(shape: &[usize], dtype: DType) -> TensorType {
+    TensorType::new(shape.to_vec(), dtype)
+}
+
+#[test]
+fn linear_infers_out_features_and_checks_bias() {
+    let out = Op::Linear
+        .infer(&[t(&[4, 8], DType::F32), t(&[16, 8], DType::F32)])
+        .unwrap();
+    assert_eq!(out, t(&[4, 16], DType::F32));
+    let e = Op::Linear
+        .infer(&[
+            t(&[4, 8], DType::F32),
+            t(&[16, 8], DType::F32),
+            t(&[8], DType::F32),
+        ])
+        .unwrap_err();
+    assert!(e.to_string().contains("bias must be [16]"), "{e}");
+}
+
+#[test]
+fn linear_mismatch_names_op_and_shapes() {
+    let e = Op::Linear
+        .infer(&[t(&[4, 8], DType::F32), t(&[16, 9], DType::F32)])
+        .unwrap_err();
+    let s = e.to_string();
+    assert!(s.starts_with("linear(f32[4, 8], f32[16, 9])"), "{s}");
+}
+
+#[test]
+fn attention_requires_grouped_heads_to_divide() {
+    let q = t(&[5, 6, 4], DType::F32);
+    let kv = t(&[5, 4, 4], DType::F32);
+    let op = Op::Attention {
+        scale: 0.5,
+        sliding_window: None,
+        softcap: None,
+    };
+    assert!(op.infer(&[q.clone(), kv.clone(), kv]).is_err());
+    let kv = t(&[5, 3, 4], DType::F32);
+    assert_eq!(op.infer(&[q.clone(), kv.clone(), kv]).unwrap(), q);
+}
+
+#[test]
+fn broadcasting_aligns_on_the_right() {
+    assert_eq!(
+        broadcast(&Shape::new([4, 1, 3]), &Shape::new([5, 1])),
+        Some(Shape::new([4, 5, 3]))
+    );
+    assert_eq!(broadcast(&Shape::new([2]), &Shape::new([3])), None);
+}
+
+#[test]
+fn reshape_and_transpose_validate() {
+    let x = t(&[2, 3, 4], DType::BF16);
+    let r = Op::Reshape {
+        shape: Shape::new([6, 4]),
+    };
+    assert_eq!(r.infer(&[x.clone()]).unwrap(), t(&[6, 4], DType::BF16));
+    let bad = Op::Transpose {
+        perm: vec![0, 0, 1],
+    };
+    assert!(bad.infer(&[x.clone()]).is_err());
+    let ok = Op::Transpose {
+        perm: vec![1, 0, 2],
+    };
+    assert_eq!(ok.infer(&[x]).unwrap(), t(&[3, 2, 4], DType::BF16));
+}
+
+#[test]
+fn llama3_rope_scaling_keeps_high_frequencies_and_divides_low_ones() {
+    let rope = Rope {
+        theta: 500000.0,
+        rotary_dim: 64,
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192.0,
+        },
+        interleaved: false,
+    };
+    let plain = Rope {
+        scaling: RopeScaling::None,
+        ..rope.clone()
+    };
+    let (a, b) = (rope.inv_freq(), plain.inv_freq());
+    assert_eq!(a[0], b[0]);
+    assert!((a[31] - b[31] / 8.0).abs() < 1e-15);
+}
+
+#[test]
+fn wrong_arity_is_an_error_not_a_panic() {
+    assert!(Op::Linear.infer(&[]).is_err());
+    assert!(Op::Softmax.infer(&[]).is_err());
+    assert!(Op::Concat { axis: 0 }.infer(&[]).is_err());
+    assert!(Op::Slice {
+        axis: 3,
+        start: 0,
+        end: 1
+    }
+    .infer(&[t(&[2], DType::F32)])
+    .is_err());
+}
