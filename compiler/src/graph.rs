@@ -116,7 +116,12 @@ impl Graph {
     }
 
     /// Adds a node after inferring its type from the operands' types.
-    pub fn add(&mut self, op: Op, operands: &[NodeId], scope: &Scope) -> Result<NodeId, GraphError> {
+    pub fn add(
+        &mut self,
+        op: Op,
+        operands: &[NodeId],
+        scope: &Scope,
+    ) -> Result<NodeId, GraphError> {
         let mut tys = Vec::with_capacity(operands.len());
         for &o in operands {
             tys.push(
@@ -218,7 +223,10 @@ impl Graph {
     }
 
     pub fn output(&self, name: &str) -> Option<NodeId> {
-        self.outputs.iter().find(|(n, _)| n == name).map(|(_, id)| *id)
+        self.outputs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, id)| *id)
     }
 
     /// Graph inputs (`Op::Input`) by name.

@@ -1,5 +1,11 @@
 //! The compiler core: graph IR, model DSL, graph builder, plans and dumps.
+pub mod build;
 pub mod config;
+pub mod dsl;
 pub mod graph;
+pub mod models;
 
+pub use build::{build_forward, BuildError, BuildOptions, BuiltModel, ModelInfo, WeightInfo};
+pub use dsl::{Diagnostic, ModelDef};
 pub use graph::{BlockKind, Graph, GraphError, Node, NodeId, Scope};
+pub use models::{load_model_def, ModelLoadError};
