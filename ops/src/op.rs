@@ -119,22 +119,39 @@ impl Rope {
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     /// A value fed from outside the graph (token ids, positions, labels).
-    Input { name: String, ty: TensorType },
+    Input {
+        name: String,
+        ty: TensorType,
+    },
     /// A parameter bound to a checkpoint tensor by name.
-    Weight { name: String, ty: TensorType },
+    Weight {
+        name: String,
+        ty: TensorType,
+    },
     /// A tensor filled with one value.
-    Fill { value: f64, ty: TensorType },
+    Fill {
+        value: f64,
+        ty: TensorType,
+    },
     /// `x·Wᵀ (+ b)`: operands `x [.., in]`, `w [out, in]`, optional `b [out]`.
     Linear,
     /// Batched matrix product of `a [.., m, k]` and `b [.., k, n]` (after the optional
     /// transposes of the last two axes); batch dimensions must be equal.
-    MatMul { ta: bool, tb: bool },
+    MatMul {
+        ta: bool,
+        tb: bool,
+    },
     /// Rows of `table [V, H]` picked by `ids [..]` (integer) → `[.., H]`.
     Embedding,
     /// `x / sqrt(mean(x²) + eps) · (offset + w)` over the last axis; operands `x`, `w`.
-    RmsNorm { eps: f64, offset: f64 },
+    RmsNorm {
+        eps: f64,
+        offset: f64,
+    },
     /// LayerNorm over the last axis; operands `x`, `w`, optional `b`.
-    LayerNorm { eps: f64 },
+    LayerNorm {
+        eps: f64,
+    },
     /// Rotary embedding of `x [T, heads, head_dim]` at positions `pos [T]` (integer).
     Rope(Rope),
     /// Causal scaled-dot-product attention with grouped KV heads: `q [T, nh, d]`,
@@ -149,11 +166,17 @@ pub enum Op {
     Unary(UnaryOp),
     Binary(BinaryOp),
     /// `x · factor`.
-    Scale { factor: f64 },
+    Scale {
+        factor: f64,
+    },
     /// `x + value`.
-    AddScalar { value: f64 },
+    AddScalar {
+        value: f64,
+    },
     /// `c · tanh(x / c)`.
-    Softcap { cap: f64 },
+    Softcap {
+        cap: f64,
+    },
     /// Along the last axis.
     Softmax,
     /// Along the last axis.
@@ -163,13 +186,25 @@ pub enum Op {
         axis: usize,
         keepdim: bool,
     },
-    Reshape { shape: Shape },
-    Transpose { perm: Vec<usize> },
+    Reshape {
+        shape: Shape,
+    },
+    Transpose {
+        perm: Vec<usize>,
+    },
     /// Elements `start..end` along `axis`.
-    Slice { axis: usize, start: usize, end: usize },
+    Slice {
+        axis: usize,
+        start: usize,
+        end: usize,
+    },
     /// Any number of operands joined along `axis`.
-    Concat { axis: usize },
-    Cast { to: DType },
+    Concat {
+        axis: usize,
+    },
+    Cast {
+        to: DType,
+    },
 }
 
 impl Op {

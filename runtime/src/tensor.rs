@@ -20,7 +20,11 @@ pub struct HostTensor {
 impl HostTensor {
     pub fn f32(shape: impl Into<Shape>, data: Vec<f32>) -> Self {
         let shape = shape.into();
-        assert_eq!(shape.numel(), data.len(), "data length must match shape {shape}");
+        assert_eq!(
+            shape.numel(),
+            data.len(),
+            "data length must match shape {shape}"
+        );
         HostTensor {
             ty: TensorType::new(shape, DType::F32),
             data: Data::F32(data),
@@ -29,7 +33,11 @@ impl HostTensor {
 
     pub fn i32(shape: impl Into<Shape>, data: Vec<i32>) -> Self {
         let shape = shape.into();
-        assert_eq!(shape.numel(), data.len(), "data length must match shape {shape}");
+        assert_eq!(
+            shape.numel(),
+            data.len(),
+            "data length must match shape {shape}"
+        );
         HostTensor {
             ty: TensorType::new(shape, DType::I32),
             data: Data::I32(data),
@@ -79,9 +87,10 @@ impl HostTensor {
         let data = match (&self.data, to.is_float()) {
             (Data::F32(v), true) => Data::F32(round_to(v, to)),
             (Data::F32(v), false) => Data::I32(v.iter().map(|&x| x as i32).collect()),
-            (Data::I32(v), true) => {
-                Data::F32(round_to(&v.iter().map(|&x| x as f32).collect::<Vec<_>>(), to))
-            }
+            (Data::I32(v), true) => Data::F32(round_to(
+                &v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                to,
+            )),
             (Data::I32(v), false) => Data::I32(v.clone()),
         };
         HostTensor {
