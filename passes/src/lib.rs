@@ -1,1 +1,20 @@
+//! Graph passes of qplc. Each pass is a named `Graph -> Result<Graph>` step run by the
+//! [`PassManager`]; analysis passes (partition, schedule) leave their results in the
+//! [`PassContext`]. [`compile`] runs the passes and assembles the [`Plan`](qplc_compiler::Plan).
+pub mod compile;
+pub mod memory;
+pub mod partition;
+pub mod pass;
+pub mod report;
+pub mod schedule;
+pub mod topology;
 
+pub use compile::{assemble_plan, compile};
+pub use memory::{assign_offsets, LiveRange, MemoryOptions};
+pub use partition::{
+    partition, partition_balanced, partition_uniform, PartitionError, PartitionMethod,
+};
+pub use pass::{PartitionPass, Pass, PassContext, PassDump, PassManager, PassRun, SchedulePass};
+pub use report::{build_report, format_bytes, render_json, render_text};
+pub use schedule::{schedule, schedule_text, ScheduleError};
+pub use topology::{Topology, TopologyError};
