@@ -1,5 +1,8 @@
 //! The runtime: backends (CPU reference), weight loading, tokenizer, scoring and generation.
 pub mod backend;
+pub mod model;
+pub mod compile;
+pub mod checkpoint;
 pub mod cpu;
 pub mod executor;
 pub mod tensor;

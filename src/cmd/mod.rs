@@ -1,0 +1,2 @@
+pub mod compile;
+pub mod inspect;
