@@ -44,8 +44,7 @@ fn expected(dir: &Path) -> Expected {
         .collect();
     let vocab = lt.shape()[1];
     let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     Expected {
         ids,
         logits,
@@ -61,7 +60,12 @@ fn mean_nll(logits: &[f32], ids: &[i32], vocab: usize) -> f64 {
     for p in 0..t - 1 {
         let row = &logits[p * vocab..(p + 1) * vocab];
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
-        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        let lse = max
+            + row
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
         total += lse - row[ids[p + 1] as usize] as f64;
     }
     total / (t - 1) as f64
@@ -87,7 +91,11 @@ fn check(name: &str) {
         max_err / scale
     );
     let nll = mean_nll(got, &exp.ids, exp.vocab);
-    eprintln!("{name}: max rel {:.2e}, NLL {nll} vs {}", max_err / scale, exp.nll);
+    eprintln!(
+        "{name}: max rel {:.2e}, NLL {nll} vs {}",
+        max_err / scale,
+        exp.nll
+    );
     assert!(
         (nll - exp.nll).abs() <= 1e-5,
         "{name}: NLL {nll} vs transformers {}",

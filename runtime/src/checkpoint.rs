@@ -110,7 +110,10 @@ impl Checkpoint {
             );
         }
         if !want.dtype.is_float() {
-            bail!("tensor `{name}`: loading into {} is not supported", want.dtype);
+            bail!(
+                "tensor `{name}`: loading into {} is not supported",
+                want.dtype
+            );
         }
         let data = view.data();
         let values: Vec<f32> = match view.dtype() {

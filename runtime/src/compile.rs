@@ -65,13 +65,17 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     files.push(plan_path);
     let report_txt = qplc_passes::report::render_text(&plan.report);
     files.push(write(&opts.out, "report.txt", &report_txt)?);
-    let report_json = serde_json::to_string_pretty(&qplc_passes::report::render_json(&plan.report))?;
+    let report_json =
+        serde_json::to_string_pretty(&qplc_passes::report::render_json(&plan.report))?;
     files.push(write(&opts.out, "report.json", &report_json)?);
 
     // The final graph in every requested format, full and collapsed (one box per layer).
     let mut skipped = Vec::new();
     for f in &opts.formats {
-        for (view, stem) in [(DumpView::Full, "graph"), (DumpView::Collapsed, "graph.layers")] {
+        for (view, stem) in [
+            (DumpView::Full, "graph"),
+            (DumpView::Collapsed, "graph.layers"),
+        ] {
             let name = format!("{stem}.{}", f.extension());
             match render(&plan.graph, *f, view) {
                 Ok(text) => files.push(write(&opts.out, &name, &text)?),

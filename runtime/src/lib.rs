@@ -1,11 +1,15 @@
 //! The runtime: backends (CPU reference), weight loading, tokenizer, scoring and generation.
 pub mod backend;
-pub mod model;
-pub mod compile;
+pub mod chat;
 pub mod checkpoint;
+pub mod compile;
 pub mod cpu;
 pub mod executor;
+pub mod generate;
+pub mod model;
+pub mod score;
 pub mod tensor;
+pub mod tokenizer;
 
 pub use backend::{Backend, KernelError};
 pub use cpu::CpuBackend;

@@ -1,8 +1,8 @@
 //! A model folder opened for execution: config.json bound to its model definition, the
 //! forward graph built for a sequence length, its weights loaded, and a forward function.
 //! `qplc score`, `qplc generate`, `qplc inspect` and `qplc compile` all start here.
-use crate::executor::{ExecError, Program};
 use crate::checkpoint::Checkpoint;
+use crate::executor::{ExecError, Program};
 use crate::{CpuBackend, HostTensor};
 use anyhow::{bail, Context, Result};
 use qplc_compiler::{build_forward, load_model_def, BuildOptions, BuiltModel, ModelDef};
@@ -94,16 +94,15 @@ impl LoadedModel {
         }
         let inputs: HashMap<&str, HostTensor> = [
             ("input_ids", HostTensor::i32([t], ids.to_vec())),
-            ("position_ids", HostTensor::i32([t], (0..t as i32).collect())),
+            (
+                "position_ids",
+                HostTensor::i32([t], (0..t as i32).collect()),
+            ),
         ]
         .into();
         let program = Program::new(&self.built.graph, outputs)?;
         let result = program
-            .run(
-                &self.backend,
-                &|n| self.weights.get(n),
-                &|n| inputs.get(n),
-            )
+            .run(&self.backend, &|n| self.weights.get(n), &|n| inputs.get(n))
             .map_err(|e: ExecError| anyhow::anyhow!(e))?;
         Ok(result.outputs)
     }

@@ -64,10 +64,7 @@ pub fn run(a: Args) -> Result<()> {
             formats,
         },
     )?;
-    print!(
-        "{}",
-        qplc_passes::report::render_text(&result.plan.report)
-    );
+    print!("{}", qplc_passes::report::render_text(&result.plan.report));
     println!("\nwrote {}:", out.display());
     for f in &result.files {
         println!("  {}", f.file_name().unwrap_or_default().to_string_lossy());

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 /// Show a model folder's architecture, parameter count and targetable module names.
 #[derive(clap::Args)]
-#[command(after_help = "Examples:\n  qplc inspect tests/fixtures/llama-gqa\n  qplc inspect ~/models/Llama-3.2-1B --json")]
+#[command(
+    after_help = "Examples:\n  qplc inspect tests/fixtures/llama-gqa\n  qplc inspect ~/models/Llama-3.2-1B --json"
+)]
 pub struct Args {
     /// HF model folder (config.json, *.safetensors, tokenizer.json).
     model_dir: PathBuf,
@@ -51,11 +53,7 @@ pub fn run(a: Args) -> Result<()> {
             ""
         }
     );
-    println!(
-        "parameters   {} ({:.1} M)",
-        params,
-        params as f64 / 1e6
-    );
+    println!("parameters   {} ({:.1} M)", params, params as f64 / 1e6);
     println!(
         "target_modules (linear layers; LoRA's \"all-linear\" takes all but lm_head):\n  {}",
         info.linear_modules.join(", ")

@@ -1,2 +1,4 @@
 pub mod compile;
+pub mod generate;
 pub mod inspect;
+pub mod score;

@@ -1,0 +1,118 @@
+//! The model folder's `tokenizer.json` (HF `tokenizers`), with BOS/EOS resolved as HF does.
+use anyhow::{anyhow, Context, Result};
+use std::path::Path;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub bos_id: Option<u32>,
+    pub eos_id: Option<u32>,
+    /// tokenizer_config.json's `chat_template` (or `chat_template.jinja`), if any.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+impl Tokenizer {
+    pub fn open(dir: &Path) -> Result<Tokenizer> {
+        let path = dir.join("tokenizer.json");
+        if !path.is_file() {
+            anyhow::bail!(
+                "`{}` has no tokenizer.json (qplc reads HF fast-tokenizer files)",
+                dir.display()
+            );
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| anyhow!("cannot load `{}`: {e}", path.display()))?;
+        let tk_config = read_json(&dir.join("tokenizer_config.json"))?;
+        let model_config = read_json(&dir.join("config.json"))?;
+        let token_str = |key: &str| -> Option<String> {
+            let v = tk_config.as_ref()?.get(key)?;
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.get("content")?.as_str().map(str::to_string))
+        };
+        let id_from_config = |key: &str| -> Option<u32> {
+            let v = model_config.as_ref()?.get(key)?;
+            // Some configs list several EOS ids; the first is the canonical one.
+            v.as_u64()
+                .or_else(|| v.as_array()?.first()?.as_u64())
+                .map(|x| x as u32)
+        };
+        let bos_token = token_str("bos_token");
+        let eos_token = token_str("eos_token");
+        let bos_id = bos_token
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t))
+            .or_else(|| id_from_config("bos_token_id"));
+        let eos_id = eos_token
+            .as_deref()
+            .and_then(|t| inner.token_to_id(t))
+            .or_else(|| id_from_config("eos_token_id"));
+        let chat_template = match tk_config
+            .as_ref()
+            .and_then(|c| c.get("chat_template"))
+            .cloned()
+        {
+            Some(serde_json::Value::String(s)) => Some(s),
+            // A list of named templates: HF uses the one named "default".
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .or(list.first())
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => std::fs::read_to_string(dir.join("chat_template.jinja")).ok(),
+        };
+        Ok(Tokenizer {
+            inner,
+            bos_id,
+            eos_id,
+            chat_template,
+            bos_token,
+            eos_token,
+        })
+    }
+
+    /// Token ids of `text`, adding no special tokens (special-token text inside `text`,
+    /// like `<|im_start|>`, still maps to its id).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenising failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow!("decoding failed: {e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Ids of every special added token (for `mask_tokens = true`).
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = self
+            .inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    Ok(Some(serde_json::from_str(&text).with_context(|| {
+        format!("`{}` is not valid JSON", path.display())
+    })?))
+}
