@@ -55,8 +55,14 @@ fn main() -> ExitCode {
         Err(e) => {
             // Errors are for people: the chain of contexts, outermost first.
             eprintln!("error: {e}");
+            // Wrapper errors often display their source too; print each text once.
+            let mut last = e.to_string();
             for cause in e.chain().skip(1) {
-                eprintln!("  caused by: {cause}");
+                let text = cause.to_string();
+                if !last.contains(&text) {
+                    eprintln!("  caused by: {text}");
+                }
+                last = text;
             }
             ExitCode::from(1)
         }
