@@ -25,6 +25,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Compile(cmd::compile::Args),
+    Run(cmd::run::Args),
+    Data(cmd::data::Args),
     Score(cmd::score::Args),
     Generate(cmd::generate::Args),
     Inspect(cmd::inspect::Args),
@@ -46,6 +48,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Compile(a) => cmd::compile::run(a),
+        Command::Run(a) => cmd::run::run(a),
+        Command::Data(a) => cmd::data::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),

@@ -325,6 +325,126 @@ impl Op {
                 }
                 Ok(TensorType::new(operands[0].shape.clone(), *to))
             }
+            Op::CrossEntropy | Op::CrossEntropyBackward => {
+                if matches!(self, Op::CrossEntropy) {
+                    arity(2, 2)?;
+                } else {
+                    arity(3, 3)?;
+                }
+                float(0)?;
+                let (z, y) = (&operands[0], &operands[1]);
+                if z.shape.rank() != 2 {
+                    return Err(err(format!("logits must be [T, V], got {}", z.shape)));
+                }
+                if !y.dtype.is_int() || y.shape.0 != [z.shape.0[0]] {
+                    return Err(err(format!(
+                        "labels must be an integer [{}], got {y}",
+                        z.shape.0[0]
+                    )));
+                }
+                if matches!(self, Op::CrossEntropy) {
+                    return Ok(TensorType::new(Shape::scalar(), DType::F32));
+                }
+                let g = &operands[2];
+                if g.shape.numel() != 1 || !g.dtype.is_float() {
+                    return Err(err(format!(
+                        "the loss gradient must be a float scalar, got {g}"
+                    )));
+                }
+                Ok(z.clone())
+            }
+            Op::UnaryBackward(_) => {
+                arity(2, 2)?;
+                float(0)?;
+                if operands[0] != operands[1] {
+                    return Err(err("x and its gradient must have the same type".to_string()));
+                }
+                Ok(operands[0].clone())
+            }
+            Op::BinaryBackward { wrt, .. } => {
+                arity(3, 3)?;
+                float(0)?;
+                let (a, b, g) = (&operands[0], &operands[1], &operands[2]);
+                if *wrt > 1 {
+                    return Err(err(format!("wrt must be 0 or 1, got {wrt}")));
+                }
+                if a.dtype != b.dtype || g.dtype != a.dtype {
+                    return Err(err("operands must share one dtype".to_string()));
+                }
+                let shape = broadcast(&a.shape, &b.shape)
+                    .ok_or_else(|| err("shapes do not broadcast".to_string()))?;
+                if g.shape != shape {
+                    return Err(err(format!(
+                        "gradient must have the broadcast shape {shape}"
+                    )));
+                }
+                Ok(g.clone())
+            }
+            Op::EmbeddingBackward { vocab } => {
+                arity(2, 2)?;
+                let (ids, g) = (&operands[0], &operands[1]);
+                if !ids.dtype.is_int() {
+                    return Err(err(format!("ids must be integer, got {}", ids.dtype)));
+                }
+                float(1)?;
+                let mut want = ids.shape.0.clone();
+                want.push(g.shape.last());
+                if g.shape.rank() != ids.shape.rank() + 1 || g.shape.0 != want {
+                    return Err(err(format!("gradient must be [ids.., H], got {}", g.shape)));
+                }
+                Ok(TensorType::new([*vocab, g.shape.last()], g.dtype))
+            }
+            Op::RmsNormBackward { .. } | Op::LayerNormBackward { .. } => {
+                arity(3, 3)?;
+                float(0)?;
+                let (x, w, g) = (&operands[0], &operands[1], &operands[2]);
+                if w.shape.0 != [x.shape.last()] {
+                    return Err(err(format!(
+                        "w must be [{}], got {}",
+                        x.shape.last(),
+                        w.shape
+                    )));
+                }
+                if g != x {
+                    return Err(err("x and its gradient must have the same type".to_string()));
+                }
+                Ok(x.clone())
+            }
+            Op::RmsNormWeightGrad { .. } | Op::LayerNormWeightGrad { .. } => {
+                arity(2, 2)?;
+                float(0)?;
+                let (x, g) = (&operands[0], &operands[1]);
+                if g != x {
+                    return Err(err(
+                        "x and the output gradient must have the same type".into()
+                    ));
+                }
+                Ok(TensorType::new([x.shape.last()], x.dtype))
+            }
+            Op::RopeBackward(rope) => Op::Rope(rope.clone())
+                .infer(operands)
+                .map_err(|e| err(e.message)),
+            Op::AttentionBackward {
+                scale,
+                sliding_window,
+                softcap,
+            } => {
+                arity(4, 4)?;
+                let fwd = Op::Attention {
+                    scale: *scale,
+                    sliding_window: *sliding_window,
+                    softcap: *softcap,
+                };
+                let out = fwd.infer(&operands[..3]).map_err(|e| err(e.message))?;
+                if operands[3] != out {
+                    return Err(err(format!(
+                        "the output gradient must be {out}, got {}",
+                        operands[3]
+                    )));
+                }
+                let (q, k) = (&operands[0].shape.0, &operands[1].shape.0);
+                Ok(TensorType::new([q[0], q[1] + 2 * k[1], q[2]], out.dtype))
+            }
         }
     }
 
@@ -370,6 +490,30 @@ impl Op {
             | Op::Slice { .. }
             | Op::Concat { .. }
             | Op::Cast { .. } => 0,
+            // max, exp-sum and the picked logit per element; the backward rewrites it.
+            Op::CrossEntropy | Op::CrossEntropyBackward => 4 * operands[0].shape.numel() as u64,
+            Op::UnaryBackward(_) => 2 * n,
+            Op::BinaryBackward { .. } => 2 * n,
+            Op::EmbeddingBackward { .. } => operands[1].shape.numel() as u64,
+            Op::RmsNormBackward { .. } | Op::LayerNormBackward { .. } => 8 * n,
+            Op::RmsNormWeightGrad { .. } | Op::LayerNormWeightGrad { .. } => {
+                4 * operands[0].shape.numel() as u64
+            }
+            Op::RopeBackward(_) => 3 * n,
+            // Recomputes Q·Kᵀ, then dP = dO·Vᵀ, dV = Pᵀ·dO, dQ = dS·K, dK = dSᵀ·Q.
+            Op::AttentionBackward {
+                scale,
+                sliding_window,
+                softcap,
+            } => {
+                let fwd = Op::Attention {
+                    scale: *scale,
+                    sliding_window: *sliding_window,
+                    softcap: *softcap,
+                };
+                let f = fwd.flops(&operands[..3], &operands[0]);
+                f / 2 * 5
+            }
         }
     }
 }

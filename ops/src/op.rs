@@ -205,6 +205,60 @@ pub enum Op {
     Cast {
         to: DType,
     },
+
+    // ---- Loss and gradient ops (added by the loss and autodiff passes; `crate::grad`) ----
+    /// Fused log-softmax + NLL (spec §7): `logits [T, V]` (float), `labels [T]` (integer,
+    /// already shifted; −100 = ignored) → f32 scalar, the mean over rows with a valid label
+    /// of `logsumexp(z_t) − z_t[y_t]`. Executing it with every label −100 is an error.
+    CrossEntropy,
+    /// Gradient of `CrossEntropy` w.r.t. the logits: operands `logits`, `labels`, `g` (f32
+    /// scalar, the loss gradient) → `g · (softmax(z_t) − onehot(y_t)) / count` per row, zero
+    /// for ignored rows; the logits' type.
+    CrossEntropyBackward,
+    /// `g · f'(x)` for a unary function: operands `x`, `g` (same type) → that type.
+    UnaryBackward(UnaryOp),
+    /// Gradient of `Binary(op)` w.r.t. operand `wrt` (0 or 1), before reducing broadcast
+    /// axes: operands `a`, `b`, `g` (g of the broadcast shape) → the broadcast shape. `Max`
+    /// and `Min` send `g` to `a` where `a ≥ b` (resp. `a ≤ b`) and to `b` elsewhere.
+    BinaryBackward {
+        op: BinaryOp,
+        wrt: usize,
+    },
+    /// Scatter-add of `g [.., H]` into the rows `ids [..]` of a zero `[vocab, H]` table: the
+    /// gradient of `Embedding` w.r.t. its table. Operands `ids`, `g`.
+    EmbeddingBackward {
+        vocab: usize,
+    },
+    /// Gradient of `RmsNorm` w.r.t. `x`: operands `x`, `w`, `g` → x's type.
+    RmsNormBackward {
+        eps: f64,
+        offset: f64,
+    },
+    /// Gradient of `RmsNorm` w.r.t. `w`: operands `x`, `g` → `[H]`, `Σ_rows g·x·rsqrt(mean(x²)+eps)`.
+    RmsNormWeightGrad {
+        eps: f64,
+    },
+    /// Gradient of `LayerNorm` w.r.t. `x`: operands `x`, `w`, `g` → x's type.
+    LayerNormBackward {
+        eps: f64,
+    },
+    /// Gradient of `LayerNorm` w.r.t. `w`: operands `x`, `g` → `[H]`, `Σ_rows g·x̂`.
+    LayerNormWeightGrad {
+        eps: f64,
+    },
+    /// The inverse rotation of `Rope` (the rotation is orthogonal, so this is its
+    /// vector-Jacobian product): operands `g [T, heads, head_dim]`, `pos [T]`.
+    RopeBackward(Rope),
+    /// Gradients of `Attention` (same parameters) packed along the head axis: operands `q`,
+    /// `k`, `v`, `g` (the output gradient, q's shape) → `[T, nh + 2·nkv, d]` holding `dq`
+    /// (heads `0..nh`), `dk` (`nh..nh+nkv`) and `dv` (`nh+nkv..`). One kernel computes
+    /// all three from one recomputation of the probabilities; the autodiff pass slices them
+    /// apart (the IR has single-output nodes).
+    AttentionBackward {
+        scale: f64,
+        sliding_window: Option<usize>,
+        softcap: Option<f64>,
+    },
 }
 
 impl Op {
@@ -259,6 +313,17 @@ impl Op {
             Op::Slice { .. } => "slice",
             Op::Concat { .. } => "concat",
             Op::Cast { .. } => "cast",
+            Op::CrossEntropy => "cross_entropy",
+            Op::CrossEntropyBackward => "cross_entropy_backward",
+            Op::UnaryBackward(_) => "unary_backward",
+            Op::BinaryBackward { .. } => "binary_backward",
+            Op::EmbeddingBackward { .. } => "embedding_backward",
+            Op::RmsNormBackward { .. } => "rms_norm_backward",
+            Op::RmsNormWeightGrad { .. } => "rms_norm_weight_grad",
+            Op::LayerNormBackward { .. } => "layer_norm_backward",
+            Op::LayerNormWeightGrad { .. } => "layer_norm_weight_grad",
+            Op::RopeBackward(_) => "rope_backward",
+            Op::AttentionBackward { .. } => "attention_backward",
         }
     }
 

@@ -107,3 +107,83 @@ fn wrong_arity_is_an_error_not_a_panic() {
     .infer(&[t(&[2], DType::F32)])
     .is_err());
 }
+
+#[test]
+fn gradient_ops_refuse_bad_shapes_with_errors() {
+    let z = t(&[4, 10], DType::F32);
+    let e = Op::CrossEntropy
+        .infer(&[z.clone(), t(&[5], DType::I32)])
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("labels must be an integer [4]"),
+        "{e}"
+    );
+    assert_eq!(
+        Op::CrossEntropy
+            .infer(&[z.clone(), t(&[4], DType::I32)])
+            .unwrap(),
+        t(&[], DType::F32)
+    );
+    let att = Op::AttentionBackward {
+        scale: 0.5,
+        sliding_window: None,
+        softcap: None,
+    };
+    let q = t(&[5, 4, 8], DType::BF16);
+    let kv = t(&[5, 2, 8], DType::BF16);
+    assert_eq!(
+        att.infer(&[q.clone(), kv.clone(), kv.clone(), q.clone()])
+            .unwrap(),
+        t(&[5, 8, 8], DType::BF16)
+    );
+    let e = att
+        .infer(&[q.clone(), kv.clone(), kv.clone(), kv.clone()])
+        .unwrap_err();
+    assert!(e.to_string().contains("output gradient"), "{e}");
+    let e = Op::EmbeddingBackward { vocab: 7 }
+        .infer(&[t(&[3], DType::I32), t(&[4, 2], DType::F32)])
+        .unwrap_err();
+    assert!(e.to_string().contains("gradient must be [ids.., H]"), "{e}");
+}
+
+#[test]
+fn integer_operands_have_no_gradient_and_gradient_ops_have_no_rule() {
+    let ids = t(&[3], DType::I32);
+    let table = t(&[7, 2], DType::F32);
+    let out = t(&[3, 2], DType::F32);
+    let ops = [ids.clone(), table.clone()];
+    assert_eq!(Op::Embedding.vjp(0, &ops, &out).unwrap(), None);
+    let rule = Op::Embedding.vjp(1, &ops, &out).unwrap().unwrap();
+    assert_eq!(rule.infer(&ops, &out).unwrap(), table);
+    let e = Op::EmbeddingBackward { vocab: 7 }
+        .vjp(1, &[ids, out.clone()], &table)
+        .unwrap_err();
+    assert!(e.to_string().contains("second-order"), "{e}");
+    assert!(Op::Linear.vjp(5, std::slice::from_ref(&out), &out).is_err());
+}
+
+#[test]
+fn every_rule_produces_its_operands_type() {
+    // bf16 activations keep bf16 gradients; broadcasting is summed away.
+    let a = t(&[2, 3, 4], DType::BF16);
+    let b = t(&[3, 1], DType::BF16);
+    let out = Op::Binary(BinaryOp::Mul)
+        .infer(&[a.clone(), b.clone()])
+        .unwrap();
+    for i in 0..2 {
+        let r = Op::Binary(BinaryOp::Mul)
+            .vjp(i, &[a.clone(), b.clone()], &out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            r.infer(&[a.clone(), b.clone()], &out).unwrap(),
+            [&a, &b][i].clone()
+        );
+    }
+    let x = t(&[4, 8], DType::F32);
+    let cast = Op::Cast { to: DType::BF16 };
+    let xs = std::slice::from_ref(&x);
+    let y = cast.infer(xs).unwrap();
+    let r = cast.vjp(0, xs, &y).unwrap().unwrap();
+    assert_eq!(r.infer(xs, &y).unwrap(), x);
+}

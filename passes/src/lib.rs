@@ -18,3 +18,13 @@ pub use pass::{PartitionPass, Pass, PassContext, PassDump, PassManager, PassRun,
 pub use report::{build_report, format_bytes, render_json, render_text};
 pub use schedule::{schedule, schedule_text, ScheduleError};
 pub use topology::{Topology, TopologyError};
+pub mod full_ft;
+pub mod lora;
+pub mod targets;
+pub use full_ft::FullFtPass;
+pub use lora::{lora_weight_name, parse_lora_weight_name, LoraPass, LoraRole};
+pub use targets::{LoraSelection, ModuleMatch};
+pub mod autodiff;
+pub mod loss;
+pub use autodiff::{append_backward, grad_output_name, AutodiffPass, GRAD_PREFIX};
+pub use loss::{append_loss, LossPass, IGNORE_INDEX};

@@ -63,4 +63,19 @@ mod tests {
         let e = render_user_prompt(t, "x", None, None).unwrap_err();
         assert!(e.to_string().contains("only user/assistant roles"), "{e}");
     }
+
+    #[test]
+    fn strftime_now_renders_a_fixed_date() {
+        let t = "{{ strftime_now('%d %b %Y') }}";
+        assert_eq!(
+            render_user_prompt(t, "x", None, None).unwrap(),
+            "28 Nov 2026"
+        );
+    }
+
+    #[test]
+    fn a_template_that_does_not_parse_is_a_clear_error() {
+        let e = render_user_prompt("{% for %}", "x", None, None).unwrap_err();
+        assert!(e.to_string().contains("does not parse"), "{e}");
+    }
 }

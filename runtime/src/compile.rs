@@ -1,12 +1,12 @@
 //! `qplc compile`: TOML config + model folder → built graph → passes → plan on disk, with
 //! the report and graph dumps beside it (DESIGN.md "The flow", steps 1–3).
 use crate::model::ModelDir;
-use anyhow::{Context, Result};
-use qplc_compiler::config::LoadedConfig;
+use anyhow::{bail, Context, Result};
+use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
-use qplc_passes::{PassContext, PassManager};
+use qplc_passes::{FullFtPass, LoraPass, PassContext, PassManager};
 use std::path::{Path, PathBuf};
 
 pub struct CompileOptions {
@@ -34,6 +34,20 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     let built = model.build(cfg.sequence_len(), opts.dtype)?;
 
     let mut passes = PassManager::standard();
+    // Training-mode rewrites run before partitioning (spec §1 precedence is in `mode()`).
+    match cfg.mode() {
+        Mode::Lora => {
+            passes.insert_before("partition", LoraPass::from_config(cfg)?)?;
+        }
+        Mode::FullFineTune => {
+            passes.insert_before("partition", FullFtPass::from_config(cfg)?)?;
+        }
+        Mode::ControlAdapter => bail!(
+            "{}: use_control_adapters: Control Adapters are not implemented yet (issue 5); \
+             qplc can compile LoRA and full fine-tune configs",
+            cfg.path.display()
+        ),
+    }
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

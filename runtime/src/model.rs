@@ -3,10 +3,11 @@
 //! `qplc score`, `qplc generate`, `qplc inspect` and `qplc compile` all start here.
 use crate::checkpoint::Checkpoint;
 use crate::executor::{ExecError, Program};
+use crate::peft::{read_adapter, Adapter};
 use crate::{CpuBackend, HostTensor};
 use anyhow::{bail, Context, Result};
 use qplc_compiler::{build_forward, load_model_def, BuildOptions, BuiltModel, ModelDef};
-use qplc_ops::DType;
+use qplc_ops::{DType, Op};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ pub struct ModelDir {
     pub dir: PathBuf,
     pub hf_config: serde_json::Value,
     pub def: ModelDef,
+    /// A PEFT LoRA adapter applied on load (`--adapter DIR`).
+    pub adapter: Option<Adapter>,
 }
 
 impl ModelDir {
@@ -40,7 +43,15 @@ impl ModelDir {
             dir: dir.to_path_buf(),
             hf_config,
             def,
+            adapter: None,
         })
+    }
+
+    /// Applies the PEFT LoRA adapter in `dir` whenever this model is loaded (read now, so
+    /// a bad adapter is reported before any work).
+    pub fn with_adapter(mut self, dir: &Path) -> Result<ModelDir> {
+        self.adapter = Some(read_adapter(dir)?);
+        Ok(self)
     }
 
     /// The forward graph at a fixed sequence length and compute dtype.
@@ -66,11 +77,33 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Builds the graph for `seq_len` and loads every weight it binds.
+    /// Builds the graph for `seq_len` and loads every weight it binds; with an adapter, the
+    /// `lora` pass adds its branches and A/B come from the adapter file.
     pub fn load(model: &ModelDir, seq_len: usize, dtype: DType) -> Result<LoadedModel> {
-        let built = model.build(seq_len, dtype)?;
+        let mut built = model.build(seq_len, dtype)?;
         let ckpt = Checkpoint::open(&model.dir)?;
-        let weights = ckpt.load_graph_weights(&built.graph)?;
+        let weights = match &model.adapter {
+            None => ckpt.load_graph_weights(&built.graph)?,
+            Some(adapter) => {
+                // The branch computes in the compute dtype, as PEFT does at inference (it
+                // moves adapter weights to the base layer's dtype); the adapter's values are
+                // kept exactly (bf16/f16 → f32 is exact).
+                let (pass, mut weights) = adapter.lora_pass(&built.graph, Some(dtype))?;
+                pass.apply(&mut built.graph)
+                    .with_context(|| format!("applying the adapter `{}`", adapter.dir.display()))?;
+                built.graph.verify()?;
+                for (name, id) in built.graph.weights() {
+                    if weights.contains_key(&name) {
+                        continue;
+                    }
+                    let Op::Weight { ty, .. } = &built.graph.node(id).op else {
+                        unreachable!("Graph::weights returns weight nodes")
+                    };
+                    weights.insert(name.clone(), ckpt.load(&name, ty)?);
+                }
+                weights
+            }
+        };
         Ok(LoadedModel {
             built,
             weights,

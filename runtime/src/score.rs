@@ -47,7 +47,7 @@ pub fn window_nll(logits: &HostTensor, ids: &[i32]) -> Result<f64> {
     let v = dims[1];
     let data = logits.as_f32();
     let mut total = 0.0;
-    for t in 0..ids.len() - 1 {
+    for t in 0..ids.len().saturating_sub(1) {
         let row = &data[t * v..(t + 1) * v];
         let target = ids[t + 1] as usize;
         if target >= v {
@@ -55,7 +55,9 @@ pub fn window_nll(logits: &HostTensor, ids: &[i32]) -> Result<f64> {
         }
         let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
         let sum: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-        total += max + sum.ln() - row[target] as f64;
+        // −log p = log Σ exp(x − max) + (max − x_target); subtracting before adding keeps
+        // the small log-sum term when the logits are large (max + ln Σ would swallow it).
+        total += sum.ln() + (max - row[target] as f64);
     }
     Ok(total)
 }
@@ -151,5 +153,67 @@ mod tests {
         };
         let s = score(&ids, 4, &mut fwd).unwrap();
         assert!(s.mean_nll < 1e-15, "{}", s.mean_nll);
+    }
+
+    #[test]
+    fn a_text_shorter_than_seq_len_is_one_window_of_all_tokens() {
+        let v = 3;
+        let mut seen = Vec::new();
+        let mut fwd = |w: &[i32]| {
+            seen.push(w.len());
+            Ok(HostTensor::f32([w.len(), v], vec![0.0; w.len() * v]))
+        };
+        let s = score(&[0, 1, 2], 16, &mut fwd).unwrap();
+        assert_eq!((s.windows, s.window_len, s.predictions), (1, 3, 2));
+        assert_eq!(seen, vec![3]);
+    }
+
+    #[test]
+    fn fewer_than_two_tokens_cannot_be_scored() {
+        let mut fwd = |_: &[i32]| -> Result<HostTensor> { unreachable!() };
+        let e = score(&[5], 4, &mut fwd).unwrap_err();
+        assert!(e.to_string().contains("at least 2"), "{e}");
+    }
+
+    #[test]
+    fn logits_of_the_wrong_length_are_an_error() {
+        let mut fwd = |_: &[i32]| Ok(HostTensor::f32([2, 3], vec![0.0; 6]));
+        let e = score(&[0, 1, 2, 0], 4, &mut fwd).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("do not match 4 token ids"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn large_logits_do_not_overflow_the_log_softmax() {
+        let mut fwd = |w: &[i32]| Ok(HostTensor::f32([w.len(), 2], vec![1e30; w.len() * 2]));
+        let s = score(&[0, 1], 2, &mut fwd).unwrap();
+        assert!((s.mean_nll - 2f64.ln()).abs() < 1e-12, "{}", s.mean_nll);
+    }
+
+    #[test]
+    fn dumped_logits_read_back_with_ids_and_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logits.safetensors");
+        let logits = HostTensor::f32([2, 3], vec![0.5, -1.0, 2.0, 3.0, 4.0, 5.0]);
+        dump_logits(&path, &[7, 8], &logits).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let ids = st.tensor("input_ids").unwrap();
+        assert_eq!(ids.dtype(), safetensors::Dtype::I32);
+        assert_eq!(ids.shape(), &[2]);
+        assert_eq!(ids.data(), &[7, 0, 0, 0, 8, 0, 0, 0]);
+        let l = st.tensor("logits").unwrap();
+        assert_eq!(
+            (l.dtype(), l.shape()),
+            (safetensors::Dtype::F32, &[2usize, 3][..])
+        );
+        let back: Vec<f32> = l
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        assert_eq!(back, logits.as_f32());
     }
 }

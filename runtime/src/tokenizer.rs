@@ -4,6 +4,8 @@ use std::path::Path;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// HF's `all_special_ids`: the named special tokens only (see `all_special_ids`).
+    named_special_ids: Vec<u32>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
     /// tokenizer_config.json's `chat_template` (or `chat_template.jinja`), if any.
@@ -48,6 +50,38 @@ impl Tokenizer {
             .as_deref()
             .and_then(|t| inner.token_to_id(t))
             .or_else(|| id_from_config("eos_token_id"));
+        // HF's `all_special_tokens`: the special-token attributes plus the additional/extra
+        // lists of tokenizer_config.json — not every added token flagged special (Llama-3
+        // flags 256 reserved tokens, yet `all_special_ids` is [BOS, EOS]).
+        let mut named_special_ids: Vec<u32> = [
+            "bos_token",
+            "eos_token",
+            "unk_token",
+            "sep_token",
+            "pad_token",
+            "cls_token",
+            "mask_token",
+        ]
+        .iter()
+        .filter_map(|k| token_str(k))
+        .filter_map(|t| inner.token_to_id(&t))
+        .chain(bos_id)
+        .chain(eos_id)
+        .collect();
+        for key in ["additional_special_tokens", "extra_special_tokens"] {
+            let entries: Vec<serde_json::Value> = match tk_config.as_ref().and_then(|c| c.get(key))
+            {
+                Some(serde_json::Value::Array(list)) => list.clone(),
+                Some(serde_json::Value::Object(map)) => map.values().cloned().collect(),
+                _ => vec![],
+            };
+            named_special_ids.extend(entries.iter().filter_map(|v| {
+                let t = v.as_str().or_else(|| v.get("content")?.as_str())?;
+                inner.token_to_id(t)
+            }));
+        }
+        named_special_ids.sort_unstable();
+        named_special_ids.dedup();
         let chat_template = match tk_config
             .as_ref()
             .and_then(|c| c.get("chat_template"))
@@ -64,6 +98,7 @@ impl Tokenizer {
         };
         Ok(Tokenizer {
             inner,
+            named_special_ids,
             bos_id,
             eos_id,
             chat_template,
@@ -90,6 +125,47 @@ impl Tokenizer {
 
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// HF's `tokenizer.all_special_ids` (sorted): what the reference masks for
+    /// `mask_tokens = true` (spec §3.6).
+    pub fn all_special_ids(&self) -> &[u32] {
+        &self.named_special_ids
+    }
+
+    /// The whole tokenizer (vocabulary, merges, normaliser, pre-tokeniser…) serialised, so a
+    /// data cache key changes whenever tokenisation could (runtime/src/data/pipeline.rs).
+    pub fn fingerprint(&self) -> Result<String> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| anyhow!("cannot serialise the tokenizer: {e}"))
+    }
+
+    /// `--add-prefix-space` (spec §2): a space is put before the text, as HF's
+    /// `add_prefix_space=True` does — ByteLevel pre-tokenisers get `add_prefix_space`, Metaspace
+    /// ones `prepend_scheme = "always"` (inside a Sequence too).
+    pub fn set_add_prefix_space(&mut self) -> Result<()> {
+        fn visit(v: &mut serde_json::Value) {
+            match v.get("type").and_then(|t| t.as_str()) {
+                Some("ByteLevel") => v["add_prefix_space"] = true.into(),
+                Some("Metaspace") => v["prepend_scheme"] = "always".into(),
+                Some("Sequence") => {
+                    if let Some(list) = v.get_mut("pretokenizers").and_then(|l| l.as_array_mut()) {
+                        list.iter_mut().for_each(visit);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut json: serde_json::Value = serde_json::from_str(&self.fingerprint()?)?;
+        if let Some(pre) = json.get_mut("pre_tokenizer") {
+            visit(pre);
+        }
+        self.inner = json
+            .to_string()
+            .parse()
+            .map_err(|e| anyhow!("cannot rebuild the tokenizer with add_prefix_space: {e}"))?;
+        Ok(())
     }
 
     /// Ids of every special added token (for `mask_tokens = true`).

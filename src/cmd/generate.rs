@@ -28,13 +28,19 @@ pub struct Args {
     /// Use this model definition instead of the builtin one.
     #[arg(long)]
     model_definition: Option<PathBuf>,
+    /// Apply a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Print prompt ids, new ids and text as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = ModelDir::open(&a.model, a.model_definition.as_deref())?;
+    let mut model = ModelDir::open(&a.model, a.model_definition.as_deref())?;
+    if let Some(dir) = &a.adapter {
+        model = model.with_adapter(dir)?;
+    }
     let tok = Tokenizer::open(&a.model)?;
     let text = match (&tok.chat_template, a.raw) {
         (Some(t), false) => render_user_prompt(

@@ -1,4 +1,6 @@
 pub mod compile;
+pub mod data;
 pub mod generate;
 pub mod inspect;
+pub mod run;
 pub mod score;

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 windows of exactly --seq-len tokens (the incomplete tail is dropped); each window is scored \
 from a fresh context (the same rule as scripts/reference_ppl.py).\n\n\
 Examples:\n  qplc score --model tests/fixtures/llama-gqa --text tests/fixtures/text.txt --seq-len 32\n  \
+qplc score --model tests/fixtures/llama-gqa --adapter tests/fixtures/peft-lora --text tests/fixtures/text.txt --seq-len 32\n  \
 qplc score --model ~/models/SmolLM2 --text hamlet.txt --seq-len 512 --max-tokens 2048 --json"
 )]
 pub struct Args {
@@ -30,6 +31,9 @@ pub struct Args {
     /// Use this model definition instead of the builtin one.
     #[arg(long)]
     model_definition: Option<PathBuf>,
+    /// Apply a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    adapter: Option<PathBuf>,
     /// Write the first window's token ids and logits to this safetensors file.
     #[arg(long, value_name = "FILE.safetensors")]
     dump_logits: Option<PathBuf>,
@@ -39,7 +43,10 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let model = ModelDir::open(&a.model, a.model_definition.as_deref())?;
+    let mut model = ModelDir::open(&a.model, a.model_definition.as_deref())?;
+    if let Some(dir) = &a.adapter {
+        model = model.with_adapter(dir)?;
+    }
     let tokenizer = Tokenizer::open(&a.model)?;
     let text = std::fs::read_to_string(&a.text)
         .with_context(|| format!("cannot read `{}` as UTF-8 text", a.text.display()))?;

@@ -4,13 +4,19 @@
 //!
 //! One file per op family; this file checks operands against `Op::infer` and dispatches.
 mod attention;
+mod attention_backward;
+mod cross_entropy;
 mod elementwise;
+mod elementwise_backward;
 mod embedding;
+mod embedding_backward;
 mod layout;
 mod matmul;
 mod norm;
+mod norm_backward;
 mod reduce;
 mod rope;
+mod rope_backward;
 mod softmax;
 
 pub use matmul::sgemm;
@@ -271,6 +277,84 @@ pub fn execute_op(
             layout::concat(operands, *axis, out)?;
         }
         Op::Cast { .. } => layout::cast(operands[0], out)?,
+        Op::CrossEntropy => cross_entropy::cross_entropy(operands[0], operands[1], out)?,
+        Op::CrossEntropyBackward => {
+            cross_entropy::cross_entropy_backward(operands[0], operands[1], operands[2], out)?
+        }
+        Op::UnaryBackward(u) => {
+            elementwise_backward::unary_backward(*u, operands[0], operands[1], out)?
+        }
+        Op::BinaryBackward { op: b, wrt } => elementwise_backward::binary_backward(
+            *b,
+            *wrt,
+            operands[0],
+            operands[1],
+            operands[2],
+            out,
+        )?,
+        Op::EmbeddingBackward { .. } => {
+            embedding_backward::embedding_backward(operands[0], operands[1], out)?
+        }
+        Op::RmsNormBackward { eps, offset } => {
+            let x = operands[0];
+            norm_backward::rms_norm_backward(
+                f32s(name, x)?,
+                f32s(name, operands[1])?,
+                f32s(name, operands[2])?,
+                *eps,
+                *offset,
+                x.ty.shape.last(),
+                f32s_mut(name, out)?,
+            );
+        }
+        Op::RmsNormWeightGrad { eps } => {
+            let x = operands[0];
+            norm_backward::rms_norm_weight_grad(
+                f32s(name, x)?,
+                f32s(name, operands[1])?,
+                *eps,
+                x.ty.shape.last(),
+                f32s_mut(name, out)?,
+            );
+        }
+        Op::LayerNormBackward { eps } => {
+            let x = operands[0];
+            norm_backward::layer_norm_backward(
+                f32s(name, x)?,
+                f32s(name, operands[1])?,
+                f32s(name, operands[2])?,
+                *eps,
+                x.ty.shape.last(),
+                f32s_mut(name, out)?,
+            );
+        }
+        Op::LayerNormWeightGrad { eps } => {
+            let x = operands[0];
+            norm_backward::layer_norm_weight_grad(
+                f32s(name, x)?,
+                f32s(name, operands[1])?,
+                *eps,
+                x.ty.shape.last(),
+                f32s_mut(name, out)?,
+            );
+        }
+        Op::RopeBackward(rope) => {
+            rope_backward::rope_backward(rope, operands[0], operands[1], out)?
+        }
+        Op::AttentionBackward {
+            scale,
+            sliding_window,
+            softcap,
+        } => attention_backward::attention_backward(
+            operands[0],
+            operands[1],
+            operands[2],
+            operands[3],
+            *scale,
+            *sliding_window,
+            *softcap,
+            out,
+        )?,
     }
     // Data movement of already-rounded values cannot change them; everything else
     // computed in f32 is rounded to the storage dtype here, once, for every op.
