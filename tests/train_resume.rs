@@ -141,3 +141,60 @@ fn a_kill_at_any_moment_leaves_the_latest_checkpoint_loadable() {
     // And training still completes from whatever was left.
     run(&cfg, true);
 }
+
+#[test]
+fn resume_without_any_run_directory_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, "");
+    let out = Command::new(env!("CARGO_BIN_EXE_qplc"))
+        .args(["run", cfg.to_str().unwrap(), "--resume"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("has no run directory to resume"), "{err}");
+}
+
+#[test]
+fn a_run_writes_the_reference_layout_and_tensorboard_tags() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = run(&config(dir.path(), 1, ""), false);
+    assert!(log.contains("initial evaluation loss"), "{log}");
+    assert!(log.contains("TRAINING COMPLETE!"), "{log}");
+    let run_dir = only_run_dir(&dir.path().join("out"));
+    for p in [
+        "cfg.toml",
+        "latest",
+        "global_step35",
+        "epoch1/adapter_model.safetensors",
+        "epoch1/adapter_config.json",
+    ] {
+        assert!(
+            run_dir.join(p).exists(),
+            "{p} missing in {}",
+            run_dir.display()
+        );
+    }
+    let events = std::fs::read_dir(&run_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .expect("an event file");
+    let scalars = qplc_runtime::log::tfevents::read_scalars(&events).unwrap();
+    let mut tags: Vec<&str> = scalars.iter().map(|(t, _, _)| t.as_str()).collect();
+    tags.sort();
+    tags.dedup();
+    let mut want = qplc_runtime::log::scalars::tags(qplc_compiler::config::Mode::Lora, true);
+    want.sort();
+    assert_eq!(tags, want);
+    // 35 steps, one train/loss each.
+    assert_eq!(
+        scalars.iter().filter(|(t, _, _)| t == "train/loss").count(),
+        35
+    );
+}

@@ -104,7 +104,12 @@ pub fn render_text(r: &CompileReport) -> String {
     );
     let _ = writeln!(
         out,
-        "FLOPs of one forward at sequence_len {}: {}",
+        "FLOPs of one {} at sequence_len {}: {}",
+        if r.trainable_params > 0 {
+            "micro-batch (forward + backward)"
+        } else {
+            "forward"
+        },
         r.seq_len,
         format_count(r.flops)
     );

@@ -6,7 +6,7 @@ use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
-use qplc_passes::{FullFtPass, LoraPass, PassContext, PassManager};
+use qplc_passes::{AutodiffPass, FullFtPass, LoraPass, LossPass, PassContext, PassManager};
 use std::path::{Path, PathBuf};
 
 pub struct CompileOptions {
@@ -34,7 +34,8 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     let built = model.build(cfg.sequence_len(), opts.dtype)?;
 
     let mut passes = PassManager::standard();
-    // Training-mode rewrites run before partitioning (spec §1 precedence is in `mode()`).
+    // Training-mode rewrites, then the loss and the backward graph, all before partitioning
+    // (spec §1 precedence is in `mode()`).
     match cfg.mode() {
         Mode::Lora => {
             passes.insert_before("partition", LoraPass::from_config(cfg)?)?;
@@ -48,6 +49,8 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
             cfg.path.display()
         ),
     }
+    passes.insert_before("partition", LossPass)?;
+    passes.insert_before("partition", AutodiffPass)?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

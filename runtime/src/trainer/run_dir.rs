@@ -26,6 +26,12 @@ pub fn create(output_dir: &Path, config_path: &Path) -> Result<PathBuf> {
 /// The run to resume: the lexicographically greatest *directory* of `output_dir` (the
 /// reference takes any entry, so a stray file could be picked — spec §9.4).
 pub fn latest(output_dir: &Path) -> Result<PathBuf> {
+    if !output_dir.is_dir() {
+        bail!(
+            "--resume_from_checkpoint: output_dir `{}` does not exist, so it has no run directory to resume",
+            output_dir.display()
+        );
+    }
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(output_dir)
         .with_context(|| format!("cannot read output_dir `{}`", output_dir.display()))?
         .filter_map(|e| e.ok())
