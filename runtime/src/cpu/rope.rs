@@ -16,7 +16,20 @@ pub(crate) fn rope(
     pos: &HostTensor,
     out: &mut HostTensor,
 ) -> Result<(), KernelError> {
-    let name = "rope";
+    rotate("rope", rope, x, pos, out, false)
+}
+
+/// Turns every pair by `θ = inv_freq·pos`, or by `−θ` when `inverse` (the rotation is
+/// orthogonal, so that is also its vector-Jacobian product). Negating `sin` is exact, so
+/// the inverse uses the very same angles as the forward.
+pub(crate) fn rotate(
+    name: &'static str,
+    rope: &Rope,
+    x: &HostTensor,
+    pos: &HostTensor,
+    out: &mut HostTensor,
+    inverse: bool,
+) -> Result<(), KernelError> {
     let dims = x.ty.shape.dims();
     let (heads, hd) = (dims[1], dims[2]);
     let positions = match &pos.data {
@@ -46,7 +59,7 @@ pub(crate) fn rope(
                 .iter()
                 .map(|&f| {
                     let a = f * p;
-                    (a.cos(), a.sin())
+                    (a.cos(), if inverse { -a.sin() } else { a.sin() })
                 })
                 .unzip();
             for (o, x) in o.chunks_mut(hd).zip(x.chunks(hd)) {
