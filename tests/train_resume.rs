@@ -198,3 +198,43 @@ fn a_run_writes_the_reference_layout_and_tensorboard_tags() {
         35
     );
 }
+
+/// `config` with LoRA dropout switched on.
+fn with_dropout(cfg: PathBuf, p: f64) -> PathBuf {
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("lora_dropout = 0.0"));
+    let text = text.replace("lora_dropout = 0.0", &format!("lora_dropout = {p}"));
+    std::fs::write(&cfg, text).unwrap();
+    cfg
+}
+
+#[test]
+fn resume_with_lora_dropout_draws_the_uninterrupted_runs_masks_bitwise() {
+    // Masks are a function of (run seed, step, micro-batch, node) only (spec §14 item 5).
+    let straight = tempfile::tempdir().unwrap();
+    let log_full = run(&with_dropout(config(straight.path(), 2, ""), 0.1), false);
+    let split = tempfile::tempdir().unwrap();
+    let log_a = run(&with_dropout(config(split.path(), 1, ""), 0.1), false);
+    let log_b = run(&with_dropout(config(split.path(), 2, ""), 0.1), true);
+    let mut resumed = losses(&log_a);
+    resumed.extend(losses(&log_b));
+    let full = losses(&log_full);
+    assert_eq!(full.len(), 70);
+    assert_eq!(resumed, full);
+
+    // Dropout is really on: from step 2 (B ≠ 0) the losses leave the run without it.
+    let plain = tempfile::tempdir().unwrap();
+    let log_plain = run(&config(plain.path(), 1, ""), false);
+    let plain = losses(&log_plain);
+    assert_eq!(
+        plain[0], full[0],
+        "B = 0 at step 1: no branch output to drop"
+    );
+    let differing = plain
+        .iter()
+        .zip(&full)
+        .skip(1)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(differing > 30, "{differing} of 34 steps differ");
+}

@@ -466,7 +466,12 @@ impl Op {
                 }
             }
             Op::CrossEntropy => ap(Op::CrossEntropyBackward, vec![X(0), X(1), G]),
+            Op::Nll => ap(Op::NllBackward, vec![X(0), X(1), G]),
+            // Dropout is linear in x with a mask that depends only on (key, salt, index):
+            // its adjoint is the same masked scaling applied to the gradient.
+            Op::Dropout { p, salt } => ap(Op::Dropout { p: *p, salt: *salt }, vec![G, X(1)]),
             Op::CrossEntropyBackward
+            | Op::NllBackward
             | Op::UnaryBackward(_)
             | Op::BinaryBackward { .. }
             | Op::EmbeddingBackward { .. }
@@ -502,6 +507,7 @@ pub fn is_differentiable(op: &Op, output: &TensorType) -> bool {
         && !matches!(
             op,
             Op::CrossEntropyBackward
+                | Op::NllBackward
                 | Op::UnaryBackward(_)
                 | Op::BinaryBackward { .. }
                 | Op::EmbeddingBackward { .. }

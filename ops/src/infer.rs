@@ -445,6 +445,51 @@ impl Op {
                 let (q, k) = (&operands[0].shape.0, &operands[1].shape.0);
                 Ok(TensorType::new([q[0], q[1] + 2 * k[1], q[2]], out.dtype))
             }
+            Op::Nll | Op::NllBackward => {
+                if matches!(self, Op::Nll) {
+                    arity(2, 2)?;
+                } else {
+                    arity(3, 3)?;
+                }
+                float(0)?;
+                let (lp, y) = (&operands[0], &operands[1]);
+                if lp.shape.rank() != 2 {
+                    return Err(err(format!(
+                        "log-probabilities must be [T, V], got {}",
+                        lp.shape
+                    )));
+                }
+                if !y.dtype.is_int() || y.shape.0 != [lp.shape.0[0]] {
+                    return Err(err(format!(
+                        "labels must be an integer [{}], got {y}",
+                        lp.shape.0[0]
+                    )));
+                }
+                if matches!(self, Op::Nll) {
+                    return Ok(TensorType::new(Shape::scalar(), DType::F32));
+                }
+                let g = &operands[2];
+                if g.shape.numel() != 1 || !g.dtype.is_float() {
+                    return Err(err(format!(
+                        "the loss gradient must be a float scalar, got {g}"
+                    )));
+                }
+                Ok(lp.clone())
+            }
+            Op::Dropout { p, .. } => {
+                arity(2, 2)?;
+                float(0)?;
+                if !(0.0..1.0).contains(p) {
+                    return Err(err(format!("p must be in [0, 1), got {p}")));
+                }
+                let key = &operands[1];
+                if key.dtype != DType::I32 || key.shape.0 != [3] {
+                    return Err(err(format!(
+                        "the key must be i32 [3] (seed low, seed high, active), got {key}"
+                    )));
+                }
+                Ok(operands[0].clone())
+            }
         }
     }
 
@@ -514,6 +559,10 @@ impl Op {
                 let f = fwd.flops(&operands[..3], &operands[0]);
                 f / 2 * 5
             }
+            Op::Nll => operands[0].shape.rows() as u64,
+            Op::NllBackward => n,
+            // One hash and one multiply per element.
+            Op::Dropout { .. } => 2 * n,
         }
     }
 }

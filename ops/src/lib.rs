@@ -1,5 +1,6 @@
 //! The op vocabulary of qplc: element types, static shapes, the ops themselves and their
 //! shape/dtype inference. Knows nothing about graphs, files or devices.
+pub mod dropout;
 mod dtype;
 mod grad;
 mod infer;

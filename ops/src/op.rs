@@ -259,6 +259,30 @@ pub enum Op {
         sliding_window: Option<usize>,
         softcap: Option<f64>,
     },
+
+    // ---- Unfused loss pieces (the loss pass emits them; the fuse pass rewrites
+    //      `Nll(LogSoftmax(z), y)` into `CrossEntropy(z, y)`) ----
+    /// PyTorch's `nll_loss` with `reduction="mean"` and `ignore_index=−100`: operands
+    /// `logp [T, V]` (float, log-probabilities), `labels [T]` (integer) → f32 scalar,
+    /// `−mean_{t: y_t ≠ −100} logp[t, y_t]`. Executing it with every label −100 is an error.
+    Nll,
+    /// Gradient of `Nll` w.r.t. `logp`: operands `logp` (only its type is used), `labels`,
+    /// `g` (f32 scalar) → logp's type, `−g / count` at `[t, y_t]` of valid rows, 0 elsewhere.
+    NllBackward,
+
+    // ---- Training-only ops ----
+    /// Inverted dropout (spec §6.1.2, `lora_dropout`): operands `x` (float) and `key`
+    /// (i32 `[3]`: seed low word, seed high word, active flag) → x's type. Where active,
+    /// element `i` is kept (and scaled by `1/(1−p)`, as PyTorch) when
+    /// [`crate::dropout::keeps`]`(seed, salt, i, p)`, else zeroed; with active = 0 it is the
+    /// identity (evaluation). The mask is a pure function of (seed, salt, i), so the
+    /// backward — the same op applied to the output gradient — and any recomputation see
+    /// the same mask without storing it (spec §14 item 5). `salt` tells apart the dropout
+    /// nodes of one graph.
+    Dropout {
+        p: f64,
+        salt: u64,
+    },
 }
 
 impl Op {
@@ -324,6 +348,9 @@ impl Op {
             Op::LayerNormWeightGrad { .. } => "layer_norm_weight_grad",
             Op::RopeBackward(_) => "rope_backward",
             Op::AttentionBackward { .. } => "attention_backward",
+            Op::Nll => "nll",
+            Op::NllBackward => "nll_backward",
+            Op::Dropout { .. } => "dropout",
         }
     }
 

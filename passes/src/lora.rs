@@ -10,17 +10,25 @@
 //! `<module>.lora_B.weight`, where `<module>` is the HF module path of the linear; the PEFT
 //! file key is `base_model.model.` + that name (spec §9.6, check 50; `runtime::peft`).
 //!
-//! Dropout on the branch input (spec §6.1.2) needs a dropout op, which the vocabulary does
-//! not have yet: a non-zero `lora_dropout` is recorded in the report notes and not applied.
+//! Dropout on the branch input (spec §6.1.2, PEFT's `lora_B(lora_A(dropout(x)))`): with
+//! `lora_dropout > 0` each branch gets an `Op::Dropout` after the cast to the adapter dtype,
+//! keyed by the graph input `dropout_key` (i32 `[3]`, see `qplc_ops::dropout::key_words`)
+//! that the trainer feeds per micro-batch, with a salt derived from the module path so
+//! every branch draws its own mask and a rebuilt graph draws the same ones (resume). With
+//! `lora_dropout = 0` no op and no input are added.
 use crate::pass::{Pass, PassContext};
 use crate::targets::{LoraSelection, ModuleMatch};
 use anyhow::{bail, Context, Result};
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 use qplc_compiler::config::{LoadedConfig, Mode};
-use qplc_compiler::{Graph, NodeId, Scope};
-use qplc_ops::{DType, Op, TensorType};
+use qplc_compiler::{BlockKind, Graph, NodeId, Scope};
+use qplc_ops::{dropout, DType, Op, TensorType};
 use std::collections::{BTreeMap, HashMap};
+
+/// Name of the dropout key input (i32 `[3]`: seed low, seed high, active flag); evaluation
+/// feeds active = 0.
+pub const DROPOUT_KEY: &str = "dropout_key";
 
 /// Which of the two LoRA matrices a weight is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -83,7 +91,8 @@ pub struct LoraPass {
     pub alpha_of: BTreeMap<String, f64>,
     /// `lora_weight_dtype`: the dtype of A, B and of the branch computation.
     pub dtype: DType,
-    /// `lora_dropout` (not applied yet; see the module comment).
+    /// `lora_dropout`: the probability of zeroing an element of the branch input. Zero for
+    /// adapters loaded for inference, where dropout is the identity.
     pub dropout: f64,
 }
 
@@ -128,7 +137,16 @@ impl LoraPass {
         if !self.dtype.is_float() {
             bail!("LoRA weights must be float, got {}", self.dtype);
         }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("lora_dropout must be in [0, 1), got {}", self.dropout);
+        }
         let targets = self.selection.resolve(graph)?;
+        let key = if self.dropout > 0.0 && !targets.is_empty() {
+            Some(dropout_key_input(graph)?)
+        } else {
+            None
+        };
+        let mut branches_of: HashMap<String, usize> = HashMap::new();
         let mut modules = Vec::new();
         // One A/B pair per module, even if a module's linear is applied several times.
         let mut pairs: HashMap<String, (NodeId, NodeId)> = HashMap::new();
@@ -147,7 +165,16 @@ impl LoraPass {
                     p
                 }
             };
-            add_branch(graph, id, pair, scaling, self.dtype)?;
+            let drop = key.map(|key| {
+                let k = branches_of.entry(module.clone()).or_default();
+                *k += 1;
+                Dropout {
+                    key,
+                    p: self.dropout,
+                    salt: dropout::salt_of(&format!("{module}.lora_dropout#{k}")),
+                }
+            });
+            add_branch(graph, id, pair, scaling, self.dtype, drop)?;
         }
         Ok(modules)
     }
@@ -168,7 +195,7 @@ impl Pass for LoraPass {
         ));
         if self.dropout > 0.0 {
             cx.notes.push(format!(
-                "lora: lora_dropout = {} is not applied yet (no dropout op in the vocabulary)",
+                "lora: dropout p = {} on every branch input (fed by input `{DROPOUT_KEY}`)",
                 self.dropout
             ));
         }
@@ -199,14 +226,45 @@ fn add_pair(graph: &mut Graph, id: NodeId, rank: usize, dtype: DType) -> Result<
     Ok((a, b))
 }
 
-/// `y' = y + cast_back(s · B(A(cast(x))))`, redirecting every user of `y` (and any graph
-/// output that was `y`) to `y'`.
+/// The `dropout_key` input, added once per graph.
+fn dropout_key_input(graph: &mut Graph) -> Result<NodeId> {
+    let ty = TensorType::new([3], DType::I32);
+    if let Some((_, id)) = graph.inputs().into_iter().find(|(n, _)| n == DROPOUT_KEY) {
+        if graph.node(id).ty != ty {
+            bail!(
+                "the graph already has a `{DROPOUT_KEY}` input of type {}, expected {ty}",
+                graph.node(id).ty
+            );
+        }
+        return Ok(id);
+    }
+    Ok(graph.add(
+        Op::Input {
+            name: DROPOUT_KEY.to_string(),
+            ty,
+        },
+        &[],
+        &Scope::new(DROPOUT_KEY, BlockKind::Inputs, None),
+    )?)
+}
+
+/// The dropout of one branch.
+#[derive(Clone, Copy)]
+struct Dropout {
+    key: NodeId,
+    p: f64,
+    salt: u64,
+}
+
+/// `y' = y + cast_back(s · B(A(dropout(cast(x)))))`, redirecting every user of `y` (and any
+/// graph output that was `y`) to `y'`.
 fn add_branch(
     graph: &mut Graph,
     id: NodeId,
     (a, b): (NodeId, NodeId),
     scaling: f64,
     dtype: DType,
+    drop: Option<Dropout>,
 ) -> Result<()> {
     let users: Vec<(NodeId, usize)> = graph
         .g
@@ -220,6 +278,14 @@ fn add_branch(
     let mut h = x;
     if graph.node(x).ty.dtype != dtype {
         h = graph.add(Op::Cast { to: dtype }, &[h], &scope)?;
+    }
+    if let Some(d) = drop {
+        // PEFT drops the input after casting it to the adapter dtype.
+        let op = Op::Dropout {
+            p: d.p,
+            salt: d.salt,
+        };
+        h = graph.add(op, &[h, d.key], &scope.child("lora_dropout"))?;
     }
     h = graph.add(Op::Linear, &[h, a], &scope.child(LoraRole::A.segment()))?;
     h = graph.add(Op::Linear, &[h, b], &scope.child(LoraRole::B.segment()))?;

@@ -3,9 +3,11 @@
 //! * input `labels` i32 `[T]` (−100 = ignored), fed by the data pipeline;
 //! * shifted labels `[labels[1:], −100]` — position `t` predicts token `t+1`, so the last
 //!   position never contributes (check 34);
-//! * `CrossEntropy` (fused log-softmax + NLL, computed in f32 from the logits cast to f32) →
-//!   the mean over valid positions, graph output `loss`. The kernel refuses a sequence whose
-//!   labels are all −100 at run time.
+//! * `Nll(LogSoftmax(z))` in f32 from the logits cast to f32 → the mean over valid
+//!   positions, graph output `loss`. This is the textbook, unfused form: the `fuse` pass
+//!   rewrites it with an egg rule into the fused, vocabulary-chunked `CrossEntropy` that
+//!   never materialises the `[T, V]` log-probabilities (DESIGN "Passes"), so the two forms
+//!   can be compared. The kernels refuse a sequence whose labels are all −100 at run time.
 //!
 //! Gemma-2 soft-capping and Cohere's logit scale are part of the model file's head block,
 //! so the `logits` output already carries them (check 36).
@@ -93,7 +95,8 @@ pub fn append_loss(graph: &mut Graph) -> anyhow::Result<NodeId> {
     } else {
         graph.add(Op::Cast { to: DType::F32 }, &[logits], &scope)?
     };
-    let loss = graph.add(Op::CrossEntropy, &[z, shifted], &scope)?;
+    let logp = graph.add(Op::LogSoftmax, &[z], &scope)?;
+    let loss = graph.add(Op::Nll, &[logp, shifted], &scope)?;
     graph.set_output("loss", loss);
     Ok(loss)
 }

@@ -194,14 +194,17 @@ fn loss_pass_shifts_labels_and_casts_bf16_logits_to_f32() {
     let loss = append_loss(&mut g).unwrap();
     g.verify().unwrap();
     assert_eq!(g.output("loss"), Some(loss));
-    assert_eq!(g.node(loss).op, Op::CrossEntropy);
+    // The unfused form; the fuse pass turns it into `CrossEntropy` (passes/tests/fuse.rs).
+    assert_eq!(g.node(loss).op, Op::Nll);
     assert_eq!(
         g.node(loss).ty,
         TensorType::new(Vec::<usize>::new(), DType::F32)
     );
     assert_eq!(g.node(loss).block, BlockKind::Loss);
     let ops = g.operands(loss);
-    assert_eq!(g.node(ops[0]).op, Op::Cast { to: DType::F32 });
+    assert_eq!(g.node(ops[0]).op, Op::LogSoftmax);
+    let z = g.operands(ops[0])[0];
+    assert_eq!(g.node(z).op, Op::Cast { to: DType::F32 });
     assert_eq!(g.node(ops[1]).op, Op::Concat { axis: 0 });
     let labels = g
         .inputs()

@@ -6,7 +6,9 @@ use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
-use qplc_passes::{AutodiffPass, FullFtPass, LoraPass, LossPass, PassContext, PassManager};
+use qplc_passes::{
+    AutodiffPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
+};
 use std::path::{Path, PathBuf};
 
 pub struct CompileOptions {
@@ -51,6 +53,8 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     }
     passes.insert_before("partition", LossPass)?;
     passes.insert_before("partition", AutodiffPass)?;
+    // After autodiff (DESIGN "The flow"), so the rules fuse the loss's backward too.
+    passes.insert_before("partition", FusePass::standard())?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

@@ -7,6 +7,7 @@ pub mod cpu;
 pub mod data;
 pub mod executor;
 pub mod generate;
+pub mod hf_weights;
 pub mod model;
 pub mod score;
 pub mod tensor;

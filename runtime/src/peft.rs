@@ -528,7 +528,9 @@ impl Adapter {
             rank_of,
             alpha_of,
             dtype,
-            dropout: c.lora_dropout,
+            // A loaded adapter runs for inference (score, generate, merge), where dropout
+            // is the identity: no dropout op (spec §6.1.2).
+            dropout: 0.0,
         };
         Ok((pass, weights))
     }

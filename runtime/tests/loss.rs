@@ -1,8 +1,9 @@
 //! Loss semantics of spec §7 and acceptance checks 34, 35 and 37: the loss pass's shifted
-//! labels and the fused `CrossEntropy` kernel against direct f64 computations.
+//! labels and the fused `CrossEntropy` kernel (the fuse pass's rewrite of the loss pass's
+//! `Nll(LogSoftmax)`, as the pipeline runs it) against direct f64 computations.
 use qplc_compiler::{BlockKind, Graph, Scope};
 use qplc_ops::{DType, Op, TensorType};
-use qplc_passes::append_loss;
+use qplc_passes::{append_loss, cross_entropy_rules, fuse};
 use qplc_runtime::executor::Program;
 use qplc_runtime::{CpuBackend, HostTensor};
 use std::collections::HashMap;
@@ -40,7 +41,9 @@ fn loss_graph(t: usize, v: usize, dtype: DType) -> Graph {
         .unwrap();
     g.set_output("logits", z);
     append_loss(&mut g).unwrap();
+    fuse(&mut g, &cross_entropy_rules()).unwrap();
     g.verify().unwrap();
+    assert_eq!(g.node(g.output("loss").unwrap()).op, Op::CrossEntropy);
     g
 }
 

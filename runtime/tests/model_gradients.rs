@@ -6,7 +6,7 @@
 //! * sampled entries against central finite differences of the forward graph.
 use qplc_compiler::{build_forward, load_model_def, BuildOptions, Graph};
 use qplc_ops::DType;
-use qplc_passes::{append_backward, append_loss, grad_output_name};
+use qplc_passes::{append_backward, append_loss, cross_entropy_rules, fuse, grad_output_name};
 use qplc_runtime::checkpoint::Checkpoint;
 use qplc_runtime::executor::Program;
 use qplc_runtime::{CpuBackend, HostTensor};
@@ -62,6 +62,8 @@ fn graph_in(train: bool, dtype: DType) -> Graph {
             g.node_mut(id).trainable = true;
         }
         append_backward(&mut g).unwrap();
+        // As the pipeline runs it: the loss and its backward fused (passes/src/fuse.rs).
+        fuse(&mut g, &cross_entropy_rules()).unwrap();
     }
     g.verify().unwrap();
     g

@@ -6,12 +6,14 @@
 mod attention;
 mod attention_backward;
 mod cross_entropy;
+mod dropout;
 mod elementwise;
 mod elementwise_backward;
 mod embedding;
 mod embedding_backward;
 mod layout;
 mod matmul;
+mod nll;
 mod norm;
 mod norm_backward;
 mod reduce;
@@ -355,6 +357,9 @@ pub fn execute_op(
             *softcap,
             out,
         )?,
+        Op::Nll => nll::nll(operands[0], operands[1], out)?,
+        Op::NllBackward => nll::nll_backward(operands[0], operands[1], operands[2], out)?,
+        Op::Dropout { p, salt } => dropout::dropout(*p, *salt, operands[0], operands[1], out)?,
     }
     // Data movement of already-rounded values cannot change them; everything else
     // computed in f32 is rounded to the storage dtype here, once, for every op.

@@ -11,6 +11,7 @@ use crate::data::cache::SplitView;
 use crate::data::pipeline::prepare;
 use crate::data::sampler::{DistributedSampler, Loader};
 use crate::executor::Program;
+use crate::hf_weights::{write_full_model, SHARD_LIMIT};
 use crate::log::console::{self, TRAINING_COMPLETE};
 use crate::log::progress::Progress;
 use crate::log::scalars::{aggregate, step_scalars, StepMetrics};
@@ -31,9 +32,10 @@ use crate::{CpuBackend, HostTensor};
 use anyhow::{bail, Context, Result};
 use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::Graph;
-use qplc_ops::{DType, Op};
+use qplc_ops::{dropout, DType, Op};
 use qplc_passes::{
-    grad_output_name, AutodiffPass, FullFtPass, LoraPass, LossPass, PassContext, PassManager,
+    grad_output_name, AutodiffPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext,
+    PassManager, DROPOUT_KEY,
 };
 use state::TrainState;
 use std::collections::{BTreeMap, HashMap};
@@ -93,7 +95,10 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
             None
         }
     };
-    passes.add(LossPass).add(AutodiffPass);
+    passes
+        .add(LossPass)
+        .add(AutodiffPass)
+        .add(FusePass::standard());
     let mut cx = PassContext::new(seq_len, c.pipeline_stages as usize, &cfg.partition_method());
     cx.num_layers = Some(built.info.num_layers);
     let graph = passes.run(built.graph, &mut cx)?.graph;
@@ -201,7 +206,8 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
             let batch = eval_loader.next_batch();
             let mut sum = 0.0;
             for mb in &batch.micro_batches {
-                let inputs = micro_batch_inputs(&eval, mb[0]);
+                let mut inputs = micro_batch_inputs(&eval, mb[0]);
+                inputs.insert(DROPOUT_KEY, dropout_key(0, 0, false));
                 let r = eval_prog.run(&backend, &|n| weights.get(n), &|n| inputs.get(n))?;
                 sum += r.get("loss").expect("loss output").as_f32()[0] as f64;
             }
@@ -228,8 +234,9 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         let batch = loader.next_batch();
         let mut grads: Vec<Vec<f32>> = shapes.iter().map(|(n, _)| vec![0.0; *n]).collect();
         let mut loss_sum = 0.0;
-        for mb in &batch.micro_batches {
-            let inputs = micro_batch_inputs(&train, mb[0]);
+        for (m, mb) in batch.micro_batches.iter().enumerate() {
+            let mut inputs = micro_batch_inputs(&train, mb[0]);
+            inputs.insert(DROPOUT_KEY, dropout_key(k, m, true));
             let r = train_prog.run(&backend, &|n| weights.get(n), &|n| inputs.get(n))?;
             loss_sum += r.get("loss").expect("loss output").as_f32()[0] as f64;
             for (g, name) in grads.iter_mut().zip(&trainable.names) {
@@ -359,6 +366,15 @@ fn micro_batch_inputs(split: &SplitView, index: usize) -> HashMap<&'static str, 
     ])
 }
 
+/// The `dropout_key` input (spec §6.1.2): fresh masks for every micro-batch of every step,
+/// derived from the run seed, the step and the micro-batch index only, so a resumed run
+/// draws the masks of an uninterrupted one; `active = false` (evaluation) makes dropout the
+/// identity. Graphs without dropout ignore it.
+fn dropout_key(step: u64, micro_batch: usize, active: bool) -> HostTensor {
+    let seed = dropout::micro_batch_seed(INIT_SEED, step, micro_batch as u64);
+    HostTensor::i32([3], dropout::key_words(seed, active).to_vec())
+}
+
 /// Composite LoRA decay (spec §6.1.4) and the per-pair norms, after the optimiser step.
 fn regularise_lora(
     graph: &Graph,
@@ -424,42 +440,9 @@ fn save_model(
             let acfg = AdapterConfig::from_pass(pass, graph, &base)?;
             write_adapter(&tmp, graph, weights, &acfg)?;
         }
+        // Shards of ≤ 5 GB with an index when the state dict is larger (spec §9.6).
         None => {
-            use safetensors::tensor::{Dtype, TensorView};
-            let mut names: Vec<&String> = weights.keys().collect();
-            names.sort();
-            let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = names
-                .into_iter()
-                .map(|n| {
-                    let t = &weights[n];
-                    let b: Vec<u8> = t
-                        .as_f32()
-                        .iter()
-                        .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-                        .collect();
-                    (n.clone(), t.shape().dims().to_vec(), b)
-                })
-                .collect();
-            let views = bytes
-                .iter()
-                .map(|(n, s, b)| Ok((n.as_str(), TensorView::new(Dtype::BF16, s.clone(), b)?)))
-                .collect::<Result<Vec<_>>>()?;
-            safetensors::tensor::serialize_to_file(views, None, &tmp.join("model.safetensors"))?;
-            for entry in std::fs::read_dir(&model.dir)? {
-                let p = entry?.path();
-                let name = p
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned();
-                // Our own single file replaces the base model's weights and index (spec §14.3).
-                let copy = (name.ends_with(".json") && !name.starts_with("model.safetensors"))
-                    || name == "tokenizer.model"
-                    || name == "chat_template.jinja";
-                if copy && p.is_file() {
-                    std::fs::copy(&p, tmp.join(&name))?;
-                }
-            }
+            write_full_model(&tmp, &model.dir, weights, SHARD_LIMIT)?;
         }
     }
     if dir.exists() {

@@ -1,0 +1,91 @@
+//! The unfused NLL of the loss pass (PyTorch `nll_loss`, mean over labels ≠ −100) and its
+//! gradient. Training runs the fused `CrossEntropy` instead (the fuse pass rewrites
+//! `Nll(LogSoftmax(z), y)`); these kernels exist so the unfused graph runs and the rewrite
+//! can be checked against it.
+use super::{f32s, f32s_mut};
+use crate::backend::KernelError;
+use crate::tensor::Data;
+use crate::HostTensor;
+use rayon::prelude::*;
+
+/// PyTorch's `ignore_index`.
+const IGNORE: i32 = -100;
+
+/// Labels as integers, each −100 or a column of `[T, V]`; the number of valid ones.
+fn checked_labels<'a>(
+    name: &'static str,
+    labels: &'a HostTensor,
+    vocab: usize,
+) -> Result<(&'a [i32], usize), KernelError> {
+    let y = match &labels.data {
+        Data::I32(v) => v.as_slice(),
+        Data::F32(_) => return Err(KernelError::new(name, "labels must be integers")),
+    };
+    let mut count = 0;
+    for (t, &l) in y.iter().enumerate() {
+        if l == IGNORE {
+            continue;
+        }
+        if l < 0 || l as usize >= vocab {
+            return Err(KernelError::new(
+                name,
+                format!(
+                    "label {l} at position {t} is outside the vocabulary 0..{vocab} (and not −100)"
+                ),
+            ));
+        }
+        count += 1;
+    }
+    if count == 0 {
+        // spec §7 / check 34, as the fused kernel.
+        return Err(KernelError::new(
+            name,
+            "All labels are masked (every shifted label is −100): the sequence has nothing to predict",
+        ));
+    }
+    Ok((y, count))
+}
+
+/// `−mean_{t: y_t ≠ −100} logp[t, y_t]` → f32 scalar, summed in f64.
+pub(crate) fn nll(
+    logp: &HostTensor,
+    labels: &HostTensor,
+    out: &mut HostTensor,
+) -> Result<(), KernelError> {
+    let name = "nll";
+    let v = logp.ty.shape.dims()[1];
+    let (y, count) = checked_labels(name, labels, v)?;
+    let lp = f32s(name, logp)?;
+    let total: f64 = y
+        .iter()
+        .enumerate()
+        .filter(|(_, &l)| l != IGNORE)
+        .map(|(t, &l)| -(lp[t * v + l as usize] as f64))
+        .sum();
+    f32s_mut(name, out)?[0] = (total / count as f64) as f32;
+    Ok(())
+}
+
+/// `−g / count` at `[t, y_t]` of every valid row, zeros elsewhere.
+pub(crate) fn nll_backward(
+    logp: &HostTensor,
+    labels: &HostTensor,
+    g: &HostTensor,
+    out: &mut HostTensor,
+) -> Result<(), KernelError> {
+    let name = "nll_backward";
+    let v = logp.ty.shape.dims()[1];
+    let (y, count) = checked_labels(name, labels, v)?;
+    let d = -(f32s(name, g)?[0] as f64 / count as f64) as f32;
+    let o = f32s_mut(name, out)?;
+    if v == 0 {
+        return Ok(());
+    }
+    o.par_chunks_mut(v).zip(y.par_iter()).for_each(|(row, &l)| {
+        row.fill(0.0);
+        if l != IGNORE {
+            row[l as usize] = d;
+        }
+    });
+    Ok(())
+}
