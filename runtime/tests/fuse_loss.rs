@@ -1,8 +1,8 @@
 //! The fuse pass's cross-entropy rewrite on the tiny Llama fixture with every weight
 //! trainable: the unfused graph (`Nll(LogSoftmax)` and its derived backward) and the fused
 //! one (`CrossEntropy` / `CrossEntropyBackward`) give the same loss and gradients on the CPU,
-//! and the fused one holds fewer and smaller live activations (no `[T, V]` log-probabilities
-//! or softmax beside the logits and their gradient).
+//! and the fused one has no `[T, V]` log-probabilities or softmax beside the logits and their
+//! gradient.
 use qplc_compiler::{build_forward, load_model_def, BlockKind, BuildOptions, Graph};
 use qplc_ops::{DType, Op};
 use qplc_passes::{append_backward, append_loss, cross_entropy_rules, fuse, grad_output_name};
@@ -117,6 +117,8 @@ fn fused_and_unfused_loss_graphs_give_the_same_loss_and_gradients() {
     assert_eq!(tv(&fused), ["cross_entropy_backward"]);
     assert!(tv(&plain).len() >= 4, "{:?}", tv(&plain));
     let (pa, pb) = (a.stats.peak_activation_bytes, b.stats.peak_activation_bytes);
+    // On this tiny model (V = 512) the peak sits in the decoder layers' backward, so the
+    // saving shows in the loss block's buffers above, not necessarily in the peak.
     eprintln!("peak activations: unfused {pa} B, fused {pb} B");
-    assert!(pb < pa);
+    assert!(pb <= pa);
 }
