@@ -263,7 +263,7 @@ pub fn fuse(graph: &mut Graph, rules: &[FuseRule]) -> Result<FuseStats> {
             Scope::new(n.module.clone(), n.block, n.layer)
         };
         let new = materialise(graph, &best, &op_of, &mut existing, &scope)
-            .with_context(|| format!("rebuilding `{}` after the fuse rules", best))?;
+            .with_context(|| format!("rebuilding `{best}` after the fuse rules"))?;
         if new == root {
             continue;
         }
