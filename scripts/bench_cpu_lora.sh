@@ -34,9 +34,11 @@ for run in $(seq "$RUNS"); do
   echo "== run $run/$RUNS, load average: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "-- qplc ($THREADS threads)"
   rm -rf "$work/out"
-  RAYON_NUM_THREADS=$THREADS timeout 1800 ./target/release/qplc run "$work/bench.toml" > "$work/qplc.log" 2>&1 || true
-  grep -E "step: [0-9]+ /" "$work/qplc.log" | head -8 | sed 's/^.*step:/step:/'
-  q=$(grep -E "step: [0-9]+ /" "$work/qplc.log" | head -8 | tail -n +3 \
+  # The run stops at its first write after the 8th step line (SIGPIPE once grep has exited).
+  (RAYON_NUM_THREADS=$THREADS timeout 1800 ./target/release/qplc run "$work/bench.toml" 2>&1 || true) \
+    | grep -m 8 -E "step: [0-9]+ /" > "$work/qplc.log" || true
+  sed 's/^.*step:/step:/' "$work/qplc.log"
+  q=$(tail -n +3 "$work/qplc.log" \
       | sed -E 's/.*throughput: ([0-9.]+) sequences.*/\1/' | awk '{print 1/$1}' | median)
   echo "qplc step seconds (median of steps 3-8): $q"
   echo "-- PyTorch + PEFT ($THREADS threads)"

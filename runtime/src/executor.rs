@@ -70,7 +70,7 @@ impl RunStats {
             total.as_secs_f64() * 1e3
         );
         let mut by_op: Vec<_> = self.op_time.iter().collect();
-        by_op.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+        by_op.sort_by_key(|(_, (_, d))| std::cmp::Reverse(*d));
         for (op, (n, d)) in by_op {
             let _ = writeln!(
                 s,
@@ -80,7 +80,7 @@ impl RunStats {
             );
         }
         let mut by_shape: Vec<_> = self.op_shape_time.iter().collect();
-        by_shape.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+        by_shape.sort_by_key(|(_, (_, d))| std::cmp::Reverse(*d));
         let _ = writeln!(s, "  top op × output type:");
         for (key, (n, d)) in by_shape.into_iter().take(25) {
             let _ = writeln!(
