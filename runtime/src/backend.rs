@@ -33,6 +33,14 @@ impl fmt::Display for KernelError {
 
 impl std::error::Error for KernelError {}
 
+/// What `Backend::execute_in_place` did with the buffer it was handed.
+pub enum InPlace<B> {
+    /// The buffer now holds the op's result, with the output type.
+    Done(B),
+    /// Not done; the buffer comes back as it was.
+    Declined(B),
+}
+
 /// One device (or the host) that can hold tensors and run the op vocabulary of
 /// `qplc_ops::Op` on them.
 ///
@@ -52,6 +60,30 @@ pub trait Backend: Sync {
 
     /// A buffer of type `ty`; its contents are unspecified until an op writes it.
     fn alloc(&self, ty: &TensorType) -> Result<Self::Buffer, KernelError>;
+
+    /// Runs `op` with its result written over operand `target`, whose buffer the caller
+    /// hands over because nothing reads that value afterwards; `others` are the remaining
+    /// operands in order (the target's position left out) and `out_ty` the op's output
+    /// type. A backend without an in-place form of `op` gives the buffer back untouched
+    /// (`InPlace::Declined`) and the caller runs `execute` instead. Either way the result
+    /// is the one `execute` would produce, bit for bit.
+    fn execute_in_place(
+        &self,
+        op: &Op,
+        target: usize,
+        buf: Self::Buffer,
+        others: &[&Self::Buffer],
+        out_ty: &TensorType,
+    ) -> Result<InPlace<Self::Buffer>, KernelError> {
+        let _ = (op, target, others, out_ty);
+        Ok(InPlace::Declined(buf))
+    }
+
+    /// Takes back a buffer its holder no longer needs, so that a later `alloc` may reuse its
+    /// memory (the executor hands back every intermediate after its last use).
+    fn release(&self, buf: Self::Buffer) {
+        drop(buf);
+    }
 
     /// Copies a host tensor into a new buffer of the same type.
     fn upload(&self, t: &HostTensor) -> Result<Self::Buffer, KernelError>;

@@ -5,7 +5,7 @@
 //!
 //! `Program` holds the per-graph analysis (order, operands, last uses) so that scoring
 //! many sequences through one graph analyses it once.
-use crate::backend::{Backend, KernelError};
+use crate::backend::{Backend, InPlace, KernelError};
 use crate::HostTensor;
 use petgraph::visit::NodeIndexable;
 use qplc_compiler::{Graph, GraphError, NodeId};
@@ -53,6 +53,52 @@ pub struct RunStats {
     pub buffers_freed: usize,
     /// Wall time and call count per op name, for profiling.
     pub op_time: BTreeMap<&'static str, (usize, Duration)>,
+    /// With `QPLC_PROFILE=1`: wall time and call count per op and output shape (finer than
+    /// `op_time`: it tells the head's product from a layer's).
+    pub op_shape_time: BTreeMap<String, (usize, Duration)>,
+}
+
+impl RunStats {
+    /// The `QPLC_PROFILE=1` report: ops by total time, then op × output shape.
+    pub fn profile_report(&self) -> String {
+        use std::fmt::Write;
+        let total: Duration = self.op_time.values().map(|(_, d)| *d).sum();
+        let pct = |d: Duration| 100.0 * d.as_secs_f64() / total.as_secs_f64().max(1e-12);
+        let mut s = format!(
+            "qplc profile: {} nodes, {:.1} ms in kernels\n",
+            self.nodes_executed,
+            total.as_secs_f64() * 1e3
+        );
+        let mut by_op: Vec<_> = self.op_time.iter().collect();
+        by_op.sort_by_key(|(_, (_, d))| std::cmp::Reverse(*d));
+        for (op, (n, d)) in by_op {
+            let _ = writeln!(
+                s,
+                "  {op:<28} {n:>6} calls {:>10.2} ms {:>5.1}%",
+                d.as_secs_f64() * 1e3,
+                pct(*d)
+            );
+        }
+        let mut by_shape: Vec<_> = self.op_shape_time.iter().collect();
+        by_shape.sort_by_key(|(_, (_, d))| std::cmp::Reverse(*d));
+        let _ = writeln!(s, "  top op × output type:");
+        for (key, (n, d)) in by_shape.into_iter().take(25) {
+            let _ = writeln!(
+                s,
+                "    {key:<60} {n:>6} calls {:>10.2} ms {:>5.1}%",
+                d.as_secs_f64() * 1e3,
+                pct(*d)
+            );
+        }
+        s
+    }
+}
+
+/// `QPLC_PROFILE=1` (any value but `0` or empty): every `Program::run` prints its per-op
+/// time report to stderr when it ends.
+fn profiling() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QPLC_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
 #[derive(Debug)]
@@ -75,6 +121,10 @@ pub struct Program<'g> {
     operands: Vec<Vec<NodeId>>,
     /// `free_after[p]`: values dead once step `p` has run.
     free_after: Vec<Vec<NodeId>>,
+    /// `in_place[p]`: an operand position of step `p` whose value dies there, is read by
+    /// no other operand slot of that step and has the output's type, so the backend may
+    /// write the result over it.
+    in_place: Vec<Option<usize>>,
     outputs: Vec<(String, NodeId)>,
 }
 
@@ -135,11 +185,26 @@ impl<'g> Program<'g> {
                 free_after[p].push(id);
             }
         }
+        let in_place = order
+            .iter()
+            .enumerate()
+            .map(|(p, &id)| {
+                let ty = &graph.node(id).ty;
+                let ops = &operands[p];
+                ops.iter().position(|o| {
+                    last_use[o.index()] == Some(p)
+                        && ops.iter().filter(|x| *x == o).count() == 1
+                        && graph.node(*o).ty == *ty
+                        && !matches!(graph.node(*o).op, Op::Weight { .. })
+                })
+            })
+            .collect();
         Ok(Program {
             graph,
             order,
             operands,
             free_after,
+            in_place,
             outputs,
         })
     }
@@ -163,8 +228,10 @@ impl<'g> Program<'g> {
             (0..g.g.node_bound()).map(|_| None).collect();
         let mut stats = RunStats::default();
         let mut live = 0usize;
+        let profile = profiling();
         for (p, &id) in self.order.iter().enumerate() {
             let node = g.node(id);
+            let mut consumed: Option<NodeId> = None;
             let kernel_err = |source: KernelError| ExecError::Kernel {
                 node: id.index(),
                 op: node.op.name(),
@@ -190,20 +257,66 @@ impl<'g> Program<'g> {
                 }
                 op => {
                     let start = Instant::now();
-                    let mut out = backend.alloc(&node.ty).map_err(kernel_err)?;
-                    let args: Vec<&B::Buffer> = self.operands[p]
-                        .iter()
-                        .map(|o| {
-                            values[o.index()]
-                                .as_ref()
-                                .expect("operands run before their users")
-                                .get()
-                        })
-                        .collect();
-                    backend.execute(op, &args, &mut out).map_err(kernel_err)?;
+                    let mut done = None;
+                    if let Some(t) = self.in_place[p] {
+                        let target = self.operands[p][t];
+                        // Borrowed values (weights) are never written over.
+                        if matches!(values[target.index()], Some(Slot::Owned(_))) {
+                            let Some(Slot::Owned(buf)) = values[target.index()].take() else {
+                                unreachable!("checked just above")
+                            };
+                            let others: Vec<&B::Buffer> = self.operands[p]
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, _)| *i != t)
+                                .map(|(_, o)| {
+                                    values[o.index()]
+                                        .as_ref()
+                                        .expect("operands run before their users")
+                                        .get()
+                                })
+                                .collect();
+                            match backend
+                                .execute_in_place(op, t, buf, &others, &node.ty)
+                                .map_err(kernel_err)?
+                            {
+                                InPlace::Done(out) => {
+                                    consumed = Some(target);
+                                    done = Some(out);
+                                }
+                                InPlace::Declined(buf) => {
+                                    values[target.index()] = Some(Slot::Owned(buf))
+                                }
+                            }
+                        }
+                    }
+                    let out = match done {
+                        Some(out) => out,
+                        None => {
+                            let mut out = backend.alloc(&node.ty).map_err(kernel_err)?;
+                            let args: Vec<&B::Buffer> = self.operands[p]
+                                .iter()
+                                .map(|o| {
+                                    values[o.index()]
+                                        .as_ref()
+                                        .expect("operands run before their users")
+                                        .get()
+                                })
+                                .collect();
+                            backend.execute(op, &args, &mut out).map_err(kernel_err)?;
+                            out
+                        }
+                    };
+                    let took = start.elapsed();
                     let e = stats.op_time.entry(op.name()).or_default();
                     e.0 += 1;
-                    e.1 += start.elapsed();
+                    e.1 += took;
+                    if profile {
+                        let key = format!("{} {} -> {}", op.name(), op_detail(op), node.ty);
+                        let e = stats.op_shape_time.entry(key).or_default();
+                        e.0 += 1;
+                        e.1 += took;
+                    }
                     stats.nodes_executed += 1;
                     Slot::Owned(out)
                 }
@@ -214,9 +327,18 @@ impl<'g> Program<'g> {
             }
             values[id.index()] = Some(slot);
             for dead in &self.free_after[p] {
-                if let Some(Slot::Owned(_)) = values[dead.index()].take() {
+                // A value the op wrote over is gone already; it is accounted as freed
+                // here, as if the op had had its own output buffer.
+                if consumed == Some(*dead) {
+                    consumed = None;
                     live -= g.node(*dead).ty.bytes();
                     stats.buffers_freed += 1;
+                    continue;
+                }
+                if let Some(Slot::Owned(buf)) = values[dead.index()].take() {
+                    live -= g.node(*dead).ty.bytes();
+                    stats.buffers_freed += 1;
+                    backend.release(buf);
                 }
             }
         }
@@ -243,7 +365,22 @@ impl<'g> Program<'g> {
             };
             outputs.insert(name.clone(), host);
         }
+        if profile {
+            eprint!("{}", stats.profile_report());
+        }
         Ok(RunResult { outputs, stats })
+    }
+}
+
+/// The parameters that distinguish kernels of one op name in a profile (a transposed
+/// operand takes another path than a plain product).
+fn op_detail(op: &Op) -> String {
+    match op {
+        Op::MatMul { ta, tb } => format!("ta={ta} tb={tb}"),
+        Op::Unary(u) | Op::UnaryBackward(u) => format!("{u:?}"),
+        Op::Binary(b) => format!("{b:?}"),
+        Op::BinaryBackward { op, wrt } => format!("{op:?} wrt {wrt}"),
+        _ => String::new(),
     }
 }
 

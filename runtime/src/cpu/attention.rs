@@ -64,7 +64,7 @@ pub(crate) fn attention(
         let n = t1 - lo;
         let mut s = vec![0.0f32; rows * n];
         // S = Q[t0..t1, h, :] · K[lo..t1, kh, :]ᵀ
-        super::sgemm(
+        super::matmul::sgemm_serial(
             rows,
             d,
             n,

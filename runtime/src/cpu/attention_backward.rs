@@ -6,9 +6,12 @@
 //! with the max subtracted), then, with `dO` the output gradient:
 //! `dP = dO·Vᵀ`, `dS = P∘(dP − rowsum(P∘dP))∘(1 − (S_capped/c)²)·scale`,
 //! `dV += Pᵀ·dO`, `dK += dSᵀ·Q`, `dQ = dS·K`. Memory per block is `QB × T`, never `T × T`.
-//! One task per KV head: it owns dK/dV of that head and dQ of its query-head group, so
-//! tasks never share an output and sums run in a fixed order.
-use super::{f32s, f32s_mut, sgemm};
+//! One task per query head: it owns that head's dQ and its own partial dK/dV; the partials
+//! of a KV head's query-head group are then added in head order. Tasks never share an
+//! output and every sum runs in a fixed order, whatever the thread count (nine tasks keep
+//! two or more threads busy where one task per KV head — three for SmolLM2 — did not).
+use super::matmul::sgemm_serial as sgemm;
+use super::{f32s, f32s_mut};
 use crate::backend::KernelError;
 use crate::HostTensor;
 use rayon::prelude::*;
@@ -47,16 +50,16 @@ pub(crate) fn attention_backward(
     let blocks = t.div_ceil(QB);
     let first_key = |i: usize| window.map_or(0, |w| (i + 1).saturating_sub(w));
 
-    // (dq of the group's heads [group][T·d], dk [T·d], dv [T·d]) per KV head.
+    // (dq [T·d], partial dk [T·d], partial dv [T·d]) per query head.
     type Grads = (Vec<f32>, Vec<f32>, Vec<f32>);
-    let per_head: Vec<Grads> = (0..nkv)
+    let per_head: Vec<Grads> = (0..nh)
         .into_par_iter()
-        .map(|kh| {
-            let mut dq = vec![0.0f32; group * t * d];
+        .map(|h| {
+            let kh = h / group;
+            let mut dq = vec![0.0f32; t * d];
             let mut dk = vec![0.0f32; t * d];
             let mut dv = vec![0.0f32; t * d];
-            for gi in 0..group {
-                let h = kh * group + gi;
+            {
                 for blk in 0..blocks {
                     let t0 = blk * QB;
                     let t1 = (t0 + QB).min(t);
@@ -170,7 +173,7 @@ pub(crate) fn attention_backward(
                         &mut tmp,
                         (d, 1),
                     );
-                    let at = gi * t * d + t0 * d;
+                    let at = t0 * d;
                     dq[at..at + rows * d].copy_from_slice(&tmp[..rows * d]);
                 }
             }
@@ -179,20 +182,30 @@ pub(crate) fn attention_backward(
         .collect();
 
     let heads = nh + 2 * nkv;
-    for (kh, (dq, dk, dv)) in per_head.iter().enumerate() {
-        for i in 0..t {
-            for gi in 0..group {
-                let h = kh * group + gi;
-                ov[(i * heads + h) * d..(i * heads + h + 1) * d]
-                    .copy_from_slice(&dq[gi * t * d + i * d..gi * t * d + (i + 1) * d]);
-            }
-            let kslot = nh + kh;
-            ov[(i * heads + kslot) * d..(i * heads + kslot + 1) * d]
-                .copy_from_slice(&dk[i * d..(i + 1) * d]);
-            let vslot = nh + nkv + kh;
-            ov[(i * heads + vslot) * d..(i * heads + vslot + 1) * d]
-                .copy_from_slice(&dv[i * d..(i + 1) * d]);
-        }
+    // dK/dV of a KV head: its group's partials summed in head order.
+    let mut dk = vec![0.0f32; nkv * t * d];
+    let mut dv = vec![0.0f32; nkv * t * d];
+    for (h, (_, pk, pv)) in per_head.iter().enumerate() {
+        let kh = h / group;
+        let (k_acc, v_acc) = (
+            &mut dk[kh * t * d..(kh + 1) * t * d],
+            &mut dv[kh * t * d..(kh + 1) * t * d],
+        );
+        k_acc.iter_mut().zip(pk).for_each(|(a, b)| *a += b);
+        v_acc.iter_mut().zip(pv).for_each(|(a, b)| *a += b);
     }
+    ov.par_chunks_mut(heads * d)
+        .enumerate()
+        .for_each(|(i, row)| {
+            for (h, (dq, _, _)) in per_head.iter().enumerate() {
+                row[h * d..(h + 1) * d].copy_from_slice(&dq[i * d..(i + 1) * d]);
+            }
+            for kh in 0..nkv {
+                let src = kh * t * d + i * d;
+                row[(nh + kh) * d..(nh + kh + 1) * d].copy_from_slice(&dk[src..src + d]);
+                row[(nh + nkv + kh) * d..(nh + nkv + kh + 1) * d]
+                    .copy_from_slice(&dv[src..src + d]);
+            }
+        });
     Ok(())
 }

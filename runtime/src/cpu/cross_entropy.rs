@@ -2,8 +2,8 @@
 //! probabilities. Each row's log-sum-exp is built from 65 536-wide vocabulary chunks whose
 //! (max, Σexp) pairs are merged — the reference kernel's chunking, numerically the direct
 //! formula (check 35) — with sums in f64. The backward writes `g·(softmax − onehot)/count`
-//! into its own `[T, V]` output (the only buffer of the logits' size) and zeros for rows
-//! whose label is −100.
+//! into its own `[T, V]` output (the only buffer of the logits' size; the backend recycles
+//! it) and zeros for rows whose label is −100.
 use super::softmax::{fast_exp, row_max};
 use super::{f32s, f32s_mut};
 use crate::backend::KernelError;
@@ -121,12 +121,32 @@ pub(crate) fn cross_entropy_backward(
                 o.fill(0.0);
                 return;
             }
-            let lse = row_logsumexp(row);
-            let s = scale as f32;
-            for (o, &x) in o.iter_mut().zip(row) {
-                *o = fast_exp((x as f64 - lse) as f32) * s;
+            // One exponential per logit: each chunk stores exp(x − m_c) while its sum is
+            // taken, then is rescaled by exp(m_c − lse)·scale once lse is known (the
+            // logsumexp is `row_logsumexp`'s, term for term).
+            let (mut m, mut total) = (f64::NEG_INFINITY, 0.0f64);
+            let mut maxima = Vec::with_capacity(v.div_ceil(VOCAB_CHUNK));
+            for (oc, xc) in o.chunks_mut(VOCAB_CHUNK).zip(row.chunks(VOCAB_CHUNK)) {
+                let cm = row_max(xc);
+                oc.iter_mut()
+                    .zip(xc)
+                    .for_each(|(o, &x)| *o = fast_exp(x - cm));
+                let cs: f64 = oc.iter().map(|&e| e as f64).sum();
+                maxima.push(cm);
+                let cm = cm as f64;
+                if cm > m {
+                    total = total * (m - cm).exp() + cs;
+                    m = cm;
+                } else {
+                    total += cs * (cm - m).exp();
+                }
             }
-            o[l as usize] -= s;
+            let lse = m + total.ln();
+            for (oc, &cm) in o.chunks_mut(VOCAB_CHUNK).zip(&maxima) {
+                let f = ((cm as f64 - lse).exp() * scale) as f32;
+                oc.iter_mut().for_each(|o| *o *= f);
+            }
+            o[l as usize] -= scale as f32;
         });
     Ok(())
 }

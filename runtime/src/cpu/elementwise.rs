@@ -34,33 +34,129 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-pub(crate) fn unary(op: UnaryOp, x: &[f32], out: &mut [f32]) {
-    match op {
-        UnaryOp::Neg => map(x, out, |x| -x),
-        UnaryOp::Exp => map(x, out, f32::exp),
-        UnaryOp::Log => map(x, out, f32::ln),
-        UnaryOp::Tanh => map(x, out, f32::tanh),
-        UnaryOp::Sqrt => map(x, out, f32::sqrt),
-        UnaryOp::Rsqrt => map(x, out, |x| 1.0 / x.sqrt()),
-        UnaryOp::Recip => map(x, out, |x| 1.0 / x),
-        UnaryOp::Square => map(x, out, |x| x * x),
-        UnaryOp::Relu => map(x, out, |x| x.max(0.0)),
-        UnaryOp::Sigmoid => map(x, out, sigmoid),
-        UnaryOp::Silu => map(x, out, |x| x * sigmoid(x)),
-        UnaryOp::Gelu => map(x, out, gelu),
-        UnaryOp::GeluTanh => map(x, out, gelu_tanh),
-    }
+/// Binds `$f` to the element function of a unary op and evaluates `$body` with it, one
+/// match arm per op, so each kernel is compiled with its function inlined.
+macro_rules! with_unary_fn {
+    ($op:expr, $f:ident => $body:expr) => {
+        match $op {
+            UnaryOp::Neg => {
+                let $f = |x: f32| -x;
+                $body
+            }
+            UnaryOp::Exp => {
+                let $f = f32::exp;
+                $body
+            }
+            UnaryOp::Log => {
+                let $f = f32::ln;
+                $body
+            }
+            UnaryOp::Tanh => {
+                let $f = f32::tanh;
+                $body
+            }
+            UnaryOp::Sqrt => {
+                let $f = f32::sqrt;
+                $body
+            }
+            UnaryOp::Rsqrt => {
+                let $f = |x: f32| 1.0 / x.sqrt();
+                $body
+            }
+            UnaryOp::Recip => {
+                let $f = |x: f32| 1.0 / x;
+                $body
+            }
+            UnaryOp::Square => {
+                let $f = |x: f32| x * x;
+                $body
+            }
+            UnaryOp::Relu => {
+                let $f = |x: f32| x.max(0.0);
+                $body
+            }
+            UnaryOp::Sigmoid => {
+                let $f = sigmoid;
+                $body
+            }
+            UnaryOp::Silu => {
+                let $f = |x: f32| x * sigmoid(x);
+                $body
+            }
+            UnaryOp::Gelu => {
+                let $f = gelu;
+                $body
+            }
+            UnaryOp::GeluTanh => {
+                let $f = gelu_tanh;
+                $body
+            }
+        }
+    };
 }
 
-fn float_fn(op: BinaryOp) -> fn(f32, f32) -> f32 {
-    match op {
-        BinaryOp::Add => |a, b| a + b,
-        BinaryOp::Sub => |a, b| a - b,
-        BinaryOp::Mul => |a, b| a * b,
-        BinaryOp::Div => |a, b| a / b,
-        BinaryOp::Max => f32::max,
-        BinaryOp::Min => f32::min,
-    }
+pub(crate) fn unary(op: UnaryOp, x: &[f32], out: &mut [f32]) {
+    with_unary_fn!(op, f => map(x, out, f))
+}
+
+/// `x[i] = f(x[i])`, in parallel chunks: the in-place form of `map`.
+pub(crate) fn map_in_place(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
+    x.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|x| *x = f(*x)));
+}
+
+/// `unary` over the operand's own storage (same element function, same results).
+pub(crate) fn unary_in_place(op: UnaryOp, x: &mut [f32]) {
+    with_unary_fn!(op, f => map_in_place(x, f))
+}
+
+/// Binds `$f` to a binary op's f32 function and evaluates `$body` with it: one arm per
+/// op, so the kernel inlines the arithmetic instead of calling through a pointer per
+/// element.
+macro_rules! with_binary_fn {
+    ($op:expr, $f:ident => $body:expr) => {
+        match $op {
+            BinaryOp::Add => {
+                let $f = |a: f32, b: f32| a + b;
+                $body
+            }
+            BinaryOp::Sub => {
+                let $f = |a: f32, b: f32| a - b;
+                $body
+            }
+            BinaryOp::Mul => {
+                let $f = |a: f32, b: f32| a * b;
+                $body
+            }
+            BinaryOp::Div => {
+                let $f = |a: f32, b: f32| a / b;
+                $body
+            }
+            BinaryOp::Max => {
+                let $f = f32::max;
+                $body
+            }
+            BinaryOp::Min => {
+                let $f = f32::min;
+                $body
+            }
+        }
+    };
+}
+
+/// `a = f(a, b)` (`target` 0) or `b = f(a, b)` (`target` 1) for equal shapes: `binary`
+/// without a separate output.
+pub(crate) fn binary_in_place(op: BinaryOp, target: usize, v: &mut [f32], other: &[f32]) {
+    with_binary_fn!(op, f => v
+    .par_chunks_mut(CHUNK)
+    .zip(other.par_chunks(CHUNK))
+    .for_each(|(v, o)| {
+        if target == 0 {
+            v.iter_mut().zip(o).for_each(|(a, &b)| *a = f(*a, b));
+        } else {
+            v.iter_mut().zip(o).for_each(|(b, &a)| *b = f(a, *b));
+        }
+    }))
 }
 
 /// Integer arithmetic wraps like two's-complement hardware; division truncates toward
@@ -85,7 +181,7 @@ pub(crate) fn binary(
     let (ash, bsh, osh) = (&a.ty.shape, &b.ty.shape, out.ty.shape.clone());
     match (&a.data, &b.data, &mut out.data) {
         (Data::F32(x), Data::F32(y), Data::F32(o)) => {
-            broadcast_apply(x, ash, y, bsh, o, &osh, float_fn(op));
+            with_binary_fn!(op, f => broadcast_apply(x, ash, y, bsh, o, &osh, f));
             Ok(())
         }
         (Data::I32(x), Data::I32(y), Data::I32(o)) => {

@@ -56,6 +56,20 @@ fn derivative(op: UnaryOp) -> fn(f32) -> f32 {
     }
 }
 
+/// `unary_backward` over one operand's storage: `target` 0 overwrites x, 1 overwrites g.
+pub(crate) fn unary_backward_in_place(op: UnaryOp, target: usize, v: &mut [f32], other: &[f32]) {
+    let f = derivative(op);
+    v.par_chunks_mut(CHUNK)
+        .zip(other.par_chunks(CHUNK))
+        .for_each(|(v, o)| {
+            if target == 0 {
+                v.iter_mut().zip(o).for_each(|(x, &g)| *x = g * f(*x));
+            } else {
+                v.iter_mut().zip(o).for_each(|(g, &x)| *g = *g * f(x));
+            }
+        });
+}
+
 pub(crate) fn unary_backward(
     op: UnaryOp,
     x: &HostTensor,

@@ -11,11 +11,13 @@ mod elementwise;
 mod elementwise_backward;
 mod embedding;
 mod embedding_backward;
+mod in_place;
 mod layout;
 mod matmul;
 mod nll;
 mod norm;
 mod norm_backward;
+mod pool;
 mod reduce;
 mod rope;
 mod rope_backward;
@@ -23,7 +25,7 @@ mod softmax;
 
 pub use matmul::sgemm;
 
-use crate::backend::{Backend, KernelError};
+use crate::backend::{Backend, InPlace, KernelError};
 use crate::tensor::{Data, HostTensor};
 use half::{bf16, f16};
 use qplc_ops::{DType, Op, TensorType};
@@ -31,16 +33,17 @@ use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Host tensors as buffers; kernels run on rayon's global pool or on a private pool of a
-/// chosen size.
+/// chosen size. Clones share their threads and their recycled buffers.
 #[derive(Clone, Default)]
 pub struct CpuBackend {
     pool: Option<Arc<rayon::ThreadPool>>,
+    buffers: Arc<pool::Pool>,
 }
 
 impl CpuBackend {
     /// Uses rayon's global thread pool (all cores unless `RAYON_NUM_THREADS` says otherwise).
     pub fn new() -> Self {
-        CpuBackend { pool: None }
+        CpuBackend::default()
     }
 
     /// Uses a private pool of `threads` threads.
@@ -51,6 +54,7 @@ impl CpuBackend {
             .map_err(|e| KernelError::new("cpu", format!("cannot start {threads} threads: {e}")))?;
         Ok(CpuBackend {
             pool: Some(Arc::new(pool)),
+            buffers: Arc::default(),
         })
     }
 
@@ -88,7 +92,34 @@ impl Backend for CpuBackend {
                 "nf4 tensors have no host representation in the CPU backend",
             ));
         }
-        Ok(HostTensor::zeros(ty))
+        Ok(HostTensor {
+            ty: ty.clone(),
+            data: self.buffers.take(ty.dtype.is_float(), ty.shape.numel()),
+        })
+    }
+
+    fn execute_in_place(
+        &self,
+        op: &Op,
+        target: usize,
+        mut buf: HostTensor,
+        others: &[&HostTensor],
+        out_ty: &TensorType,
+    ) -> Result<InPlace<HostTensor>, KernelError> {
+        let mut run = || in_place::execute(op, target, &mut buf, others, out_ty);
+        let done = match &self.pool {
+            Some(p) => p.install(run),
+            None => run(),
+        }?;
+        Ok(if done {
+            InPlace::Done(buf)
+        } else {
+            InPlace::Declined(buf)
+        })
+    }
+
+    fn release(&self, buf: HostTensor) {
+        self.buffers.give(buf.data);
     }
 
     fn upload(&self, t: &HostTensor) -> Result<HostTensor, KernelError> {
