@@ -10,6 +10,7 @@ pub mod generate;
 pub mod model;
 pub mod score;
 pub mod tensor;
+pub mod tokenize_fast;
 pub mod tokenizer;
 pub mod train;
 
