@@ -141,13 +141,8 @@ impl Bpe {
         // ranks[i]: the merge of syms[i] and syms[i+1] as (rank << 32 | id), or MAX.
         let lookup = |a: u32, b: u32| self.merges.get(&pair(a, b)).copied().unwrap_or(u64::MAX);
         let mut ranks: Vec<u64> = syms.windows(2).map(|w| lookup(w[0], w[1])).collect();
-        loop {
-            // The lowest rank, leftmost on ties (ranks are unique per pair, so comparing the
-            // packed values compares ranks).
-            let Some((i, &best)) = ranks.iter().enumerate().min_by_key(|&(i, &r)| (r >> 32, i))
-            else {
-                break;
-            };
+        // The lowest rank, leftmost on ties.
+        while let Some((i, &best)) = ranks.iter().enumerate().min_by_key(|&(i, &r)| (r >> 32, i)) {
             if best == u64::MAX {
                 break;
             }
