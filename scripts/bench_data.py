@@ -103,7 +103,9 @@ print(f"python: {len(out)} sequences")
 '''
 
 
-def timed(cmd: list[str]) -> tuple[float, float, str]:
+def timed(cmd: list[str]) -> tuple[float, float, float, str]:
+    """Wall seconds, peak RSS (MB) and CPU seconds (user + system, waited-for children
+    included: less sensitive than wall time to other work on a shared machine)."""
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{cmd[0]} failed:\n{r.stdout}\n{r.stderr}")
@@ -111,7 +113,8 @@ def timed(cmd: list[str]) -> tuple[float, float, str]:
     h, m, s = wall.groups()
     seconds = int(h or 0) * 3600 + int(m) * 60 + float(s)
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr).group(1))
-    return seconds, rss_kb / 1024, r.stdout
+    cpu = sum(float(re.search(rf"{k} time \(seconds\): ([\d.]+)", r.stderr).group(1)) for k in ["User", "System"])
+    return seconds, rss_kb / 1024, cpu, r.stdout
 
 
 def main():
@@ -134,14 +137,16 @@ def main():
             f'model_dir = "{tok_dir}"\noutput_dir = "{tmp}/out"\nlr = 1e-4\nlora_rank = 8\n'
             f'sequence_len = {SEQ_LEN}\n[[datasets]]\ndataset_path = "{corpus}"\n'
         )
-        wall, rss, out = timed([args.qplc, "data", str(cfg), "--cache-dir", f"{tmp}/cache"])
+        print("load average before: %.2f %.2f %.2f" % os.getloadavg())
+        wall, rss, cpu, out = timed([args.qplc, "data", str(cfg), "--cache-dir", f"{tmp}/cache"])
         print(out.strip())
-        print(f"qplc data: {wall:.1f} s, peak RSS {rss:.0f} MB")
+        print(f"qplc data: {wall:.1f} s ({cpu:.1f} CPU s), peak RSS {rss:.0f} MB ({rss / size_mb:.2f}x the {size_mb:.1f} MB of text)")
         if not args.skip_python:
-            pw, prss, pout = timed([sys.executable, "-c", PYTHON_REFERENCE, str(corpus), str(tok_dir), f"{tmp}/hf", str(cores), str(SEQ_LEN)])
+            pw, prss, pcpu, pout = timed([sys.executable, "-c", PYTHON_REFERENCE, str(corpus), str(tok_dir), f"{tmp}/hf", str(cores), str(SEQ_LEN)])
             print(pout.strip())
-            print(f"python (datasets.map, num_proc={cores}): {pw:.1f} s, peak RSS {prss:.0f} MB (main process)")
-            print(f"speed-up: {pw / wall:.2f}x")
+            print(f"python (datasets.map, num_proc={cores}): {pw:.1f} s ({pcpu:.1f} CPU s), peak RSS {prss:.0f} MB (main process)")
+            print(f"speed-up: {pw / wall:.2f}x wall, {pcpu / cpu:.2f}x CPU")
+        print("load average after: %.2f %.2f %.2f" % os.getloadavg())
         shutil.rmtree(tmp, ignore_errors=True)
 
 

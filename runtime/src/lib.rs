@@ -11,6 +11,7 @@ pub mod hf_weights;
 pub mod model;
 pub mod score;
 pub mod tensor;
+pub mod tokenize_fast;
 pub mod tokenizer;
 pub mod train;
 

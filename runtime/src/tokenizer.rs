@@ -1,9 +1,13 @@
 //! The model folder's `tokenizer.json` (HF `tokenizers`), with BOS/EOS resolved as HF does.
+use crate::tokenize_fast::FastBpe;
 use anyhow::{anyhow, Context, Result};
 use std::path::Path;
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The byte-level BPE fast path, when `tokenizer.json` is one it reproduces exactly
+    /// (runtime/src/tokenize_fast).
+    fast: Option<FastBpe>,
     /// HF's `all_special_ids`: the named special tokens only (see `all_special_ids`).
     named_special_ids: Vec<u32>,
     pub bos_id: Option<u32>,
@@ -23,8 +27,13 @@ impl Tokenizer {
                 dir.display()
             );
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let json = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read `{}`", path.display()))?;
+        let inner: tokenizers::Tokenizer = json
+            .parse()
             .map_err(|e| anyhow!("cannot load `{}`: {e}", path.display()))?;
+        let fast = fast_path(&json, &inner);
+        drop(json);
         let tk_config = read_json(&dir.join("tokenizer_config.json"))?;
         let model_config = read_json(&dir.join("config.json"))?;
         let token_str = |key: &str| -> Option<String> {
@@ -98,6 +107,7 @@ impl Tokenizer {
         };
         Ok(Tokenizer {
             inner,
+            fast,
             named_special_ids,
             bos_id,
             eos_id,
@@ -110,6 +120,14 @@ impl Tokenizer {
     /// Token ids of `text`, adding no special tokens (special-token text inside `text`,
     /// like `<|im_start|>`, still maps to its id).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        if let Some(ids) = self.fast.as_ref().and_then(|f| f.encode(text)) {
+            return Ok(ids);
+        }
+        self.encode_hf(text)
+    }
+
+    /// [`Tokenizer::encode`] by HF `tokenizers` alone, never the fast path (to test it).
+    pub fn encode_hf(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
             .inner
             .encode(text, false)
@@ -157,6 +175,8 @@ impl Tokenizer {
                 _ => {}
             }
         }
+        // The fast path knows no `add_prefix_space`: HF alone tokenises from here on.
+        self.fast = None;
         let mut json: serde_json::Value = serde_json::from_str(&self.fingerprint()?)?;
         if let Some(pre) = json.get_mut("pre_tokenizer") {
             visit(pre);
@@ -179,6 +199,49 @@ impl Tokenizer {
             .collect();
         ids.sort_unstable();
         ids
+    }
+}
+
+/// Text that exercises every branch of the pre-tokeniser regexes and the merge loop.
+const SELF_CHECK: &[&str] = &[
+    "Hello world's end: it'S 'RE 'Ve 'll 'd 'm 'ſ 'x ''s",
+    "  leading spaces, trailing  \t\n\r\n  ",
+    "digits 1 12 123 1234 12345 ²³ ٣٤٥ Ⅻ x1y22z333",
+    "punctuation!!! ...\n\n--- \"quotes\" (parens) [brackets] {braces} \r\n",
+    "unicode: café naïve 中文字符 日本語 한국어 Ελληνικά русский 😀👍🏽 e\u{301}",
+    "\u{3000}ideographic space\u{a0}nbsp\u{85}nel\u{2028}ls x\u{200b}zwsp",
+    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa ==================== \n\n\n\n",
+];
+
+/// The fast path for `json`, if it recognises the file and agrees with HF on
+/// [`SELF_CHECK`].
+fn fast_path(json: &str, inner: &tokenizers::Tokenizer) -> Option<FastBpe> {
+    let fast = match FastBpe::recognise(json) {
+        Ok(f) => f,
+        Err(why) => {
+            tracing::debug!("tokenizer fast path off: {why}");
+            return None;
+        }
+    };
+    for text in SELF_CHECK {
+        let hf = inner.encode(*text, false).ok()?;
+        if fast.encode(text).as_deref() != Some(hf.get_ids()) {
+            tracing::warn!("tokenizer fast path off: it disagrees with HF on {text:?}");
+            return None;
+        }
+    }
+    Some(fast)
+}
+
+impl Tokenizer {
+    /// True when [`Tokenizer::encode`] takes the fast path for text without added tokens.
+    pub fn has_fast_path(&self) -> bool {
+        self.fast.is_some()
+    }
+
+    /// The fast path itself, for callers that batch their own buffers.
+    pub fn fast_path(&self) -> Option<&FastBpe> {
+        self.fast.as_ref()
     }
 }
 

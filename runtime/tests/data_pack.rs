@@ -68,11 +68,23 @@ fn max_tokens_keeps_documents_until_the_first_that_would_exceed() {
     for len in [4, 5, 3] {
         docs.push(&vec![7; len], 1);
     }
-    assert_eq!(prune_to_max_tokens(&docs, &[0, 1, 2], 10), 2);
+    assert_eq!(
+        prune_to_max_tokens(|i| docs.doc(i).len() as u64, &[0, 1, 2], 10),
+        2
+    );
     // It stops at the first that would exceed, even if a later one would fit.
-    assert_eq!(prune_to_max_tokens(&docs, &[1, 0, 2], 8), 1);
-    assert_eq!(prune_to_max_tokens(&docs, &[0, 1, 2], 12), 3);
-    assert_eq!(prune_to_max_tokens(&docs, &[0, 1, 2], 3), 0);
+    assert_eq!(
+        prune_to_max_tokens(|i| docs.doc(i).len() as u64, &[1, 0, 2], 8),
+        1
+    );
+    assert_eq!(
+        prune_to_max_tokens(|i| docs.doc(i).len() as u64, &[0, 1, 2], 12),
+        3
+    );
+    assert_eq!(
+        prune_to_max_tokens(|i| docs.doc(i).len() as u64, &[0, 1, 2], 3),
+        0
+    );
 }
 
 #[test]

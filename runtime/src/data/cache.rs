@@ -64,11 +64,24 @@ impl KeyBuilder {
         self
     }
 
-    /// A file's contents (memory-mapped and hashed on all cores for large files).
+    /// A file's contents, hashed on all cores. Read in blocks rather than memory-mapped: a
+    /// mapping's pages count as the process's resident memory, and the inputs can be as
+    /// large as the whole memory budget (issue 4).
     pub fn file(&mut self, path: &Path) -> Result<&mut Self> {
+        use std::io::Read;
         let mut h = blake3::Hasher::new();
-        h.update_mmap_rayon(path)
+        let mut f = std::fs::File::open(path)
             .with_context(|| format!("cannot read `{}`", path.display()))?;
+        let mut buf = vec![0u8; 4 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .with_context(|| format!("cannot read `{}`", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            h.update_rayon(&buf[..n]);
+        }
         let digest = h.finalize();
         Ok(self.field("file", digest.as_bytes()))
     }
@@ -94,6 +107,27 @@ fn align(x: usize) -> usize {
     x.div_ceil(ALIGN) * ALIGN
 }
 
+/// The three per-token arrays of the cache, in file order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Array {
+    /// `input_ids`, u32.
+    Ids,
+    /// `labels`, i32.
+    Labels,
+    /// `classes`, i8.
+    Classes,
+}
+
+impl Array {
+    /// Bytes per token.
+    pub fn width(self) -> usize {
+        match self {
+            Array::Ids | Array::Labels => 4,
+            Array::Classes => 1,
+        }
+    }
+}
+
 /// Writes `packed`, reordered into the two splits, as the cache file `path` (atomically).
 pub fn write(
     path: &Path,
@@ -103,6 +137,31 @@ pub fn write(
     stats: &DataStats,
 ) -> Result<()> {
     let t = packed.seq_len;
+    let seq = |i: usize| i * t..(i + 1) * t;
+    write_with(path, key, t, split, stats, |array, i, out| {
+        // The arrays are written in this machine's byte order, which `open` checks is
+        // little-endian.
+        out.extend_from_slice(match array {
+            Array::Ids => bytemuck::cast_slice(&packed.input_ids[seq(i)]),
+            Array::Labels => bytemuck::cast_slice(&packed.labels[seq(i)]),
+            Array::Classes => bytemuck::cast_slice(&packed.classes[seq(i)]),
+        });
+        Ok(())
+    })
+}
+
+/// Writes the cache file `path` (atomically) from sequences that `sequence(array, i, out)`
+/// appends to `out` as little-endian bytes, one array at a time, in split order: the caller
+/// may keep its sequences anywhere (a file, for the pipeline).
+pub fn write_with(
+    path: &Path,
+    key: &CacheKey,
+    seq_len: usize,
+    split: &Split,
+    stats: &DataStats,
+    mut sequence: impl FnMut(Array, usize, &mut Vec<u8>) -> Result<()>,
+) -> Result<()> {
+    let t = seq_len;
     let n = split.train.len() + split.eval.len();
     let tokens = n * t;
     let mut header = Header {
@@ -152,31 +211,28 @@ pub fn write(
         w.write_all(&(json.len() as u32).to_le_bytes())?;
         w.write_all(&json)?;
         let mut pos = 16 + json.len();
-        let order = || split.train.iter().chain(&split.eval).copied();
-        let seq = |i: usize| i * t..(i + 1) * t;
-        // The arrays are written in this machine's byte order, which `open` checks is
-        // little-endian.
-        pos = write_array(
-            &mut w,
-            pos,
-            header.ids_offset,
-            |i| &packed.input_ids[seq(i)],
-            order(),
-        )?;
-        pos = write_array(
-            &mut w,
-            pos,
-            header.labels_offset,
-            |i| &packed.labels[seq(i)],
-            order(),
-        )?;
-        write_array(
-            &mut w,
-            pos,
-            header.classes_offset,
-            |i| &packed.classes[seq(i)],
-            order(),
-        )?;
+        let mut buf = Vec::with_capacity(4 * t);
+        for (array, offset) in [
+            (Array::Ids, header.ids_offset),
+            (Array::Labels, header.labels_offset),
+            (Array::Classes, header.classes_offset),
+        ] {
+            w.write_all(&vec![0u8; offset - pos])?;
+            pos = offset;
+            for &i in split.train.iter().chain(&split.eval) {
+                buf.clear();
+                sequence(array, i, &mut buf)?;
+                if buf.len() != t * array.width() {
+                    bail!(
+                        "sequence {i} has {} bytes of {array:?}, expected {}",
+                        buf.len(),
+                        t * array.width()
+                    );
+                }
+                w.write_all(&buf)?;
+                pos += buf.len();
+            }
+        }
         let file = w.into_inner().map_err(|e| e.into_error())?;
         file.sync_all()?;
         Ok(())
@@ -188,25 +244,6 @@ pub fn write(
     std::fs::rename(&tmp, path)
         .with_context(|| format!("cannot move `{}` to `{}`", tmp.display(), path.display()))?;
     Ok(())
-}
-
-/// Pads from `pos` to `offset`, then writes the sequences `order` of one array; returns the
-/// new position.
-fn write_array<'p, T: bytemuck::Pod>(
-    w: &mut impl Write,
-    pos: usize,
-    offset: usize,
-    sequence: impl Fn(usize) -> &'p [T],
-    order: impl Iterator<Item = usize>,
-) -> std::io::Result<usize> {
-    w.write_all(&vec![0u8; offset - pos])?;
-    let mut pos = offset;
-    for i in order {
-        let bytes: &[u8] = bytemuck::cast_slice(sequence(i));
-        w.write_all(bytes)?;
-        pos += bytes.len();
-    }
-    Ok(pos)
 }
 
 /// A cache file, memory-mapped.

@@ -11,12 +11,13 @@ pub mod pipeline;
 pub mod read;
 pub mod rng;
 pub mod sampler;
+pub mod spill;
 pub mod split;
 pub mod stats;
 pub mod tokenize;
 
 pub use cache::{CacheKey, Dataset, SplitView};
-pub use pack::{pack, PackSettings, PackStats, Packed};
+pub use pack::{pack, pack_into, PackSettings, PackStats, Packed, PackedSequence};
 pub use pipeline::{prepare, Prepared, Progress};
 pub use sampler::{DistributedSampler, Loader, LocalBatch};
 pub use split::{split_indices, Split};

@@ -66,6 +66,35 @@ pub fn pack<'a>(
     docs: impl IntoIterator<Item = (&'a [u32], i8)>,
     s: &PackSettings,
 ) -> Result<(Packed, PackStats)> {
+    let mut out = Packed {
+        seq_len: s.seq_len,
+        ..Packed::default()
+    };
+    let stats = pack_into(docs.into_iter().map(Ok), s, |seq| {
+        out.input_ids.extend_from_slice(seq.input_ids);
+        out.labels.extend_from_slice(seq.labels);
+        out.classes.extend_from_slice(seq.classes);
+        Ok(())
+    })?;
+    Ok((out, stats))
+}
+
+/// One packed sequence, `T` tokens per array.
+#[derive(Clone, Copy, Debug)]
+pub struct PackedSequence<'a> {
+    pub input_ids: &'a [u32],
+    pub labels: &'a [i32],
+    pub classes: &'a [i8],
+}
+
+/// [`pack`] that hands each finished sequence to `emit` instead of keeping them, so a large
+/// dataset streams into the cache file (only one sequence is held at a time). Documents come
+/// as any owned or borrowed token list; an error reading one stops packing.
+pub fn pack_into<D: AsRef<[u32]>>(
+    docs: impl IntoIterator<Item = Result<(D, i8)>>,
+    s: &PackSettings,
+    mut emit: impl FnMut(PackedSequence<'_>) -> Result<()>,
+) -> Result<PackStats> {
     let t = s.seq_len;
     if s.prefix.len() >= t {
         bail!(
@@ -75,18 +104,21 @@ pub fn pack<'a>(
     }
     let max = s.max_sequences.unwrap_or(usize::MAX);
     let masked = MaskSet::new(&s.mask);
-    let mut out = Packed {
+    // The sequence being filled.
+    let mut cur = Packed {
         seq_len: t,
-        ..Packed::default()
+        input_ids: Vec::with_capacity(t),
+        labels: Vec::with_capacity(t),
+        classes: Vec::with_capacity(t),
     };
     let mut stats = PackStats::default();
-    // The sequence being filled is the tail of `out` past `start`.
-    let mut start = 0;
     let mut count = 0usize;
     if max > 0 {
-        begin_sequence(&mut out, &masked, &s.prefix);
+        begin_sequence(&mut cur, &masked, &s.prefix);
     }
-    for (doc, class) in docs {
+    for item in docs {
+        let (doc, class) = item?;
+        let doc = doc.as_ref();
         stats.documents += 1;
         stats.document_tokens += doc.len() as u64;
         if count >= max {
@@ -99,18 +131,25 @@ pub fn pack<'a>(
             stats.bos_stripped += 1;
         }
         while k < doc.len() && count < max {
-            let need = t - (out.input_ids.len() - start);
+            let need = t - cur.input_ids.len();
             let take = need.min(doc.len() - k);
             for &id in &doc[k..k + take] {
-                push_token(&mut out, &masked, id, class);
+                push_token(&mut cur, &masked, id, class);
             }
             k += take;
-            if out.input_ids.len() - start == t {
+            if cur.input_ids.len() == t {
                 count += 1;
                 stats.packed += (t - s.prefix.len()) as u64;
-                start = out.input_ids.len();
+                emit(PackedSequence {
+                    input_ids: &cur.input_ids,
+                    labels: &cur.labels,
+                    classes: &cur.classes,
+                })?;
+                cur.input_ids.clear();
+                cur.labels.clear();
+                cur.classes.clear();
                 if count < max {
-                    begin_sequence(&mut out, &masked, &s.prefix);
+                    begin_sequence(&mut cur, &masked, &s.prefix);
                 }
                 if s.drop_tails {
                     stats.dropped_tails += (doc.len() - k) as u64;
@@ -121,14 +160,11 @@ pub fn pack<'a>(
         stats.dropped_by_limit += (doc.len() - k) as u64;
     }
     // §4.6 step 3: the partially filled sequence is discarded.
-    let partial = out.input_ids.len() - start;
+    let partial = cur.input_ids.len();
     if partial > 0 {
         stats.dropped_partial = (partial - s.prefix.len()) as u64;
-        out.input_ids.truncate(start);
-        out.labels.truncate(start);
-        out.classes.truncate(start);
     }
-    Ok((out, stats))
+    Ok(stats)
 }
 
 fn begin_sequence(out: &mut Packed, masked: &MaskSet, prefix: &[u32]) {

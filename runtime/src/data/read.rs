@@ -3,8 +3,10 @@
 //! fields are ignored). Every error names the file, and the line or row when there is one.
 use anyhow::{anyhow, bail, Context, Result};
 use arrow_array::{Array, LargeStringArray, StringArray, StringViewArray};
+use rayon::prelude::*;
 use serde::Deserialize;
 use std::borrow::Cow;
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 
 /// A document source format, chosen by the file's suffix.
@@ -86,18 +88,74 @@ pub fn read_documents(path: &Path) -> Result<Vec<String>> {
     }
 }
 
+/// Every document of one file, in file order, handed to `f` in batches of about
+/// `batch_bytes` of input: JSON lines stream (parsed on all cores), so a large `.jsonl` never
+/// sits in memory whole; the other formats come as one batch.
+pub fn read_batches(
+    path: &Path,
+    batch_bytes: usize,
+    mut f: impl FnMut(Vec<String>) -> Result<()>,
+) -> Result<()> {
+    match Format::of(path)? {
+        Format::Jsonl => stream_json_lines(path, batch_bytes, f),
+        _ => f(read_documents(path)?),
+    }
+}
+
+fn stream_json_lines(
+    path: &Path,
+    batch_bytes: usize,
+    mut f: impl FnMut(Vec<String>) -> Result<()>,
+) -> Result<()> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open `{}`", path.display()))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut block = Vec::with_capacity(batch_bytes + (1 << 16));
+    // The first line of `block`, 1-based, and its byte offset in the file.
+    let mut first_line = 1usize;
+    let mut offset = 0usize;
+    loop {
+        block.clear();
+        let mut lines = 0;
+        while block.len() < batch_bytes {
+            let n = reader
+                .read_until(b'\n', &mut block)
+                .with_context(|| format!("cannot read `{}`", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            lines += 1;
+        }
+        if block.is_empty() {
+            return Ok(());
+        }
+        // Blocks end at line ends, which never split a UTF-8 sequence.
+        let text = std::str::from_utf8(&block).map_err(|e| {
+            let at = e.valid_up_to();
+            let line = first_line + block[..at].iter().filter(|&&b| b == b'\n').count();
+            not_utf8(path, line, block[at], offset + at)
+        })?;
+        f(parse_json_lines_from(path, text, first_line)?)?;
+        first_line += lines;
+        offset += block.len();
+    }
+}
+
+fn not_utf8(path: &Path, line: usize, byte: u8, at: usize) -> anyhow::Error {
+    anyhow!(
+        "`{}`:{line}: not UTF-8 text (invalid byte 0x{byte:02x} at byte offset {at}); \
+         re-encode the file as UTF-8",
+        path.display(),
+    )
+}
+
 fn read_utf8(path: &Path) -> Result<String> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
         let bytes = e.as_bytes();
         let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-        anyhow!(
-            "`{}`:{line}: not UTF-8 text (invalid byte 0x{:02x} at byte offset {at}); \
-             re-encode the file as UTF-8",
-            path.display(),
-            bytes[at]
-        )
+        not_utf8(path, line, bytes[at], at)
     })
 }
 
@@ -109,28 +167,38 @@ struct Record<'a> {
 }
 
 fn parse_json_lines(path: &Path, text: &str) -> Result<Vec<String>> {
-    let mut docs = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let n = i + 1;
-        let rec: Record = serde_json::from_str(line).map_err(|e| {
-            anyhow!(
-                "`{}`:{n}:{}: malformed JSON record: {e}",
-                path.display(),
-                e.column()
-            )
-        })?;
-        match rec.text {
-            Some(t) => docs.push(t.into_owned()),
-            None => bail!(
-                "`{}`:{n}: the record has no `text` field (each record's `text` is one document)",
-                path.display()
-            ),
-        }
-    }
-    Ok(docs)
+    parse_json_lines_from(path, text, 1)
+}
+
+/// The records of the JSON lines `text`, whose first line is line `first_line` of `path`;
+/// parsed in parallel, the first bad line (in file order) is the error.
+fn parse_json_lines_from(path: &Path, text: &str, first_line: usize) -> Result<Vec<String>> {
+    let lines: Vec<&str> = text.lines().collect();
+    let parsed: Vec<Result<Option<String>>> = lines
+        .par_iter()
+        .enumerate()
+        .map(|(i, line)| {
+            if line.trim().is_empty() {
+                return Ok(None);
+            }
+            let n = first_line + i;
+            let rec: Record = serde_json::from_str(line).map_err(|e| {
+                anyhow!(
+                    "`{}`:{n}:{}: malformed JSON record: {e}",
+                    path.display(),
+                    e.column()
+                )
+            })?;
+            match rec.text {
+                Some(t) => Ok(Some(t.into_owned())),
+                None => bail!(
+                    "`{}`:{n}: the record has no `text` field (each record's `text` is one document)",
+                    path.display()
+                ),
+            }
+        })
+        .collect();
+    parsed.into_iter().filter_map(Result::transpose).collect()
 }
 
 fn parse_json_array(path: &Path, text: &str) -> Result<Vec<String>> {
