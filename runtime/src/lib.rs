@@ -4,6 +4,8 @@ pub mod chat;
 pub mod checkpoint;
 pub mod compile;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod executor;
 pub mod generate;
