@@ -52,4 +52,43 @@ export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 
 "$bin" cuda-check --model "$model" "$@" 2>&1 | tee "$out/cuda-check.log"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+
+# The same perplexity through `qplc score` on both backends.
+text=""
+for c in "$here/text.txt" "$root/tests/fixtures/text.txt"; do
+    if [ -f "$c" ]; then text=$c; break; fi
+done
+if [ -n "$text" ]; then
+    for b in cpu cuda; do
+        printf 'score --backend %-4s ' "$b"
+        "$bin" score --model "$model" --text "$text" --seq-len 32 --backend "$b" | tr '\n' ' '
+        echo
+    done
+fi
+
+# A whole LoRA training run (tiny-lora.toml) on both backends, losses compared per step.
+cfg=""
+for c in "$here/tiny-lora.toml" "$root/examples/tiny-lora.toml"; do
+    if [ -f "$c" ]; then cfg=$c; break; fi
+done
+if [ -n "$cfg" ]; then
+    runs=()
+    for b in cpu cuda; do
+        derived="$(dirname "$cfg")/.gpu-tests-$b.toml"
+        sed "s|^output_dir = .*|output_dir = \"$out/runs-$b\"|" "$cfg" > "$derived"
+        rm -rf "$out/runs-$b"
+        t0=$(date +%s.%N)
+        if ! "$bin" run "$derived" --backend "$b" > "$out/run-$b.log" 2>&1; then
+            echo "qplc run --backend $b failed:"; tail -20 "$out/run-$b.log"; rc=1
+        fi
+        t1=$(date +%s.%N)
+        echo "qplc run --backend $b: $(awk "BEGIN{printf \"%.2f\", $t1 - $t0}") s"
+        rm -f "$derived"
+        runs+=("$(ls -d "$out/runs-$b"/*/ 2>/dev/null | head -1)")
+    done
+    if [ -n "${runs[0]}" ] && [ -n "${runs[1]}" ]; then
+        "$bin" cuda-check --compare-runs "${runs[0]}" "${runs[1]}" | tail -6 || rc=1
+    fi
+fi
+exit "$rc"

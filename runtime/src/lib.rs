@@ -11,6 +11,7 @@ pub mod executor;
 pub mod generate;
 pub mod model;
 pub mod score;
+pub mod step_runner;
 pub mod tensor;
 pub mod tokenizer;
 pub mod train;

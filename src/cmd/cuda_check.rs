@@ -1,6 +1,6 @@
 //! `qplc cuda-check`: the GPU backend against the CPU reference (issue 6 acceptance; run on
 //! the GPU machine by scripts/gpu-tests.sh).
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use qplc_ops::DType;
 use qplc_runtime::cuda::check::{forward_check, lora_step_check, op_checks, table, CheckRow};
 use qplc_runtime::cuda::CudaBackend;
@@ -28,9 +28,57 @@ pub struct Args {
     /// GPU ordinal.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// Instead of the checks: compare the train/eval losses of two `qplc run` directories
+    /// (e.g. `--backend cpu` and `--backend cuda` of one config) step by step, from their
+    /// TensorBoard event files (exact f32 values).
+    #[arg(long, num_args = 2, value_names = ["RUN_A", "RUN_B"])]
+    compare_runs: Option<Vec<PathBuf>>,
+}
+
+/// `(tag, step) → value` of the event file in `run`.
+fn run_scalars(run: &std::path::Path) -> Result<std::collections::BTreeMap<(String, i64), f64>> {
+    let file = std::fs::read_dir(run)
+        .with_context(|| format!("run directory `{}`", run.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("events.out.tfevents."))
+        })
+        .with_context(|| format!("no event file in `{}`", run.display()))?;
+    Ok(qplc_runtime::log::tfevents::read_scalars(&file)?
+        .into_iter()
+        .map(|(t, s, v)| ((t, s), f64::from(v)))
+        .collect())
+}
+
+/// Per-step loss parity of two runs; fails above 1e-4 relative (f32 training).
+fn compare_runs(a: &std::path::Path, b: &std::path::Path) -> Result<()> {
+    let (sa, sb) = (run_scalars(a)?, run_scalars(b)?);
+    let mut worst = 0.0f64;
+    let mut n = 0;
+    for ((tag, step), va) in &sa {
+        if tag != "train/loss" && tag != "eval/loss" {
+            continue;
+        }
+        let vb = *sb
+            .get(&(tag.clone(), *step))
+            .with_context(|| format!("{tag} at step {step} missing in `{}`", b.display()))?;
+        let rel = (va - vb).abs() / va.abs().max(1e-12);
+        println!("{tag:<11} step {step:>4}: {va:.7} vs {vb:.7}  rel {rel:.2e}");
+        worst = worst.max(rel);
+        n += 1;
+    }
+    println!("{n} losses compared, max relative difference {worst:.2e}");
+    if n == 0 || worst > 1e-4 {
+        bail!("the runs' losses differ (max rel {worst:.2e}) or none were found");
+    }
+    Ok(())
 }
 
 pub fn run(a: Args) -> Result<()> {
+    if let Some(runs) = &a.compare_runs {
+        return compare_runs(&runs[0], &runs[1]);
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -662,10 +662,12 @@ pub fn lora_step_check(
 ) -> Result<Vec<CheckRow>> {
     let dir = std::fs::canonicalize(dir)
         .with_context(|| format!("model folder `{}`", dir.display()))?;
+    // The config's sequence_len must be a multiple of 64 (spec §3); only the LoRA settings
+    // are read from it, the graph is built for `seq_len`.
     let text = format!(
         "model_dir = {:?}\noutput_dir = \"/tmp/qplc-cuda-check\"\nlora_rank = 8\n\
          lora_dropout = 0.0\nlora_weight_dtype = \"float32\"\nlr = 2e-3\nepochs = 1\n\
-         sequence_len = {seq_len}\n\n[[datasets]]\ndataset_path = \"unused.txt\"\n",
+         sequence_len = 64\n\n[[datasets]]\ndataset_path = \"unused.txt\"\n",
         dir.display().to_string()
     );
     let cfg = LoadedConfig::from_str(&dir.join("cuda-check.toml"), &text)?;

@@ -160,6 +160,8 @@ fn with_libraries<T>(
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
+        // cudarc appends every file name it tried; the first sentence says what is missing.
+        let msg = msg.split(" - searched").next().unwrap_or_default();
         Err(KernelError::new(
             "cuda",
             format!("the CUDA libraries could not be loaded ({msg}); is LD_LIBRARY_PATH set to the folders of libcuda, libnvrtc and libcublas?"),
