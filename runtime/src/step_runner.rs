@@ -110,11 +110,9 @@ impl StepRunner {
                         current.insert(n.as_str(), b);
                     }
                 }
-                prog.run(
-                    gpu,
-                    &|n| current.get(n).or_else(|| frozen.get(n)),
-                    &|n| inputs.get(n),
-                )
+                prog.run(gpu, &|n| current.get(n).or_else(|| frozen.get(n)), &|n| {
+                    inputs.get(n)
+                })
             }
         }
     }

@@ -26,10 +26,13 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = LoadedConfig::from_file(&a.config)?;
-    let summary = train(&cfg, &RunOptions {
+    let summary = train(
+        &cfg,
+        &RunOptions {
             resume: a.resume,
             backend: a.backend,
-        })?;
+        },
+    )?;
     println!(
         "run directory: {} (global step {})",
         summary.run_dir.display(),

@@ -370,11 +370,7 @@ fn cases(g: &mut Gen) -> Vec<Case> {
         Op::Softcap { cap: 3.0 },
         vec![g.f(&[7, 12], -9.0, 9.0)],
     ));
-    v.push(case(
-        "softmax",
-        Op::Softmax,
-        vec![g.f(&[7, 13], -4.0, 4.0)],
-    ));
+    v.push(case("softmax", Op::Softmax, vec![g.f(&[7, 13], -4.0, 4.0)]));
     v.push(case(
         "log_softmax",
         Op::LogSoftmax,
@@ -384,7 +380,15 @@ fn cases(g: &mut Gen) -> Vec<Case> {
         for axis in 0..3 {
             for keepdim in [false, true] {
                 v.push(case(
-                    format!("{} axis={axis} keepdim={keepdim}", Op::Reduce { op: r, axis, keepdim }.name()),
+                    format!(
+                        "{} axis={axis} keepdim={keepdim}",
+                        Op::Reduce {
+                            op: r,
+                            axis,
+                            keepdim
+                        }
+                        .name()
+                    ),
                     Op::Reduce {
                         op: r,
                         axis,
@@ -660,8 +664,8 @@ pub fn lora_step_check(
     dtype: DType,
     seed: u64,
 ) -> Result<Vec<CheckRow>> {
-    let dir = std::fs::canonicalize(dir)
-        .with_context(|| format!("model folder `{}`", dir.display()))?;
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("model folder `{}`", dir.display()))?;
     // The config's sequence_len must be a multiple of 64 (spec §3); only the LoRA settings
     // are read from it, the graph is built for `seq_len`.
     let text = format!(
@@ -751,7 +755,10 @@ pub fn lora_step_check(
     for name in outputs.iter().skip(1) {
         let (w, gg) = (&want.outputs[name], &got.outputs[name]);
         let r = compare(name, w, gg, tol);
-        if worst.as_ref().is_none_or(|b| r.rel_err > b.rel_err || !r.ok()) {
+        if worst
+            .as_ref()
+            .is_none_or(|b| r.rel_err > b.rel_err || !r.ok())
+        {
             worst = Some(r);
         }
         cat_w.extend_from_slice(w.as_f32());

@@ -401,7 +401,7 @@ pub(crate) fn execute(
 /// `(rows, last)` of a tensor, as the kernels' `long long` arguments.
 fn rows_h(x: &CudaTensor) -> (i64, i64) {
     let h = x.ty.shape.last();
-    let rows = if h == 0 { 0 } else { x.ty.shape.numel() / h };
+    let rows = x.ty.shape.numel().checked_div(h).unwrap_or(0);
     (rows as i64, h as i64)
 }
 

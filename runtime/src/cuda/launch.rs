@@ -46,7 +46,10 @@ impl Strided {
         if dims.len() > MAX_RANK {
             return Err(KernelError::new(
                 op,
-                format!("rank {} is above the GPU kernels' limit of {MAX_RANK}", dims.len()),
+                format!(
+                    "rank {} is above the GPU kernels' limit of {MAX_RANK}",
+                    dims.len()
+                ),
             ));
         }
         let mut s = Strided {

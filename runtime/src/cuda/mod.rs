@@ -253,7 +253,10 @@ impl Backend for CudaBackend {
         let n = ty.shape.numel();
         let data = if ty.dtype.is_float() {
             if ty.dtype == DType::NF4 {
-                return Err(KernelError::new("alloc", "nf4 tensors are not supported yet"));
+                return Err(KernelError::new(
+                    "alloc",
+                    "nf4 tensors are not supported yet",
+                ));
             }
             let mut s = self.raw::<f32>(n)?;
             if self.poison {
@@ -302,7 +305,10 @@ impl Backend for CudaBackend {
             _ => {
                 return Err(KernelError::new(
                     "upload",
-                    format!("tensor of type {} holds the wrong kind or number of elements", t.ty),
+                    format!(
+                        "tensor of type {} holds the wrong kind or number of elements",
+                        t.ty
+                    ),
                 ))
             }
         };
