@@ -30,6 +30,8 @@ enum Command {
     Score(cmd::score::Args),
     Generate(cmd::generate::Args),
     Inspect(cmd::inspect::Args),
+    #[cfg(feature = "cuda")]
+    CudaCheck(cmd::cuda_check::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,8 @@ fn main() -> ExitCode {
         Command::Score(a) => cmd::score::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        #[cfg(feature = "cuda")]
+        Command::CudaCheck(a) => cmd::cuda_check::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

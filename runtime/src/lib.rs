@@ -4,12 +4,15 @@ pub mod chat;
 pub mod checkpoint;
 pub mod compile;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod executor;
 pub mod generate;
 pub mod hf_weights;
 pub mod model;
 pub mod score;
+pub mod step_runner;
 pub mod tensor;
 pub mod tokenize_fast;
 pub mod tokenizer;

@@ -1,4 +1,7 @@
+pub mod backend;
 pub mod compile;
+#[cfg(feature = "cuda")]
+pub mod cuda_check;
 pub mod data;
 pub mod generate;
 pub mod inspect;

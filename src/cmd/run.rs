@@ -1,5 +1,6 @@
 use anyhow::Result;
 use qplc_compiler::config::LoadedConfig;
+use qplc_runtime::step_runner::BackendChoice;
 use qplc_runtime::trainer::{run as train, RunOptions};
 use std::path::PathBuf;
 
@@ -17,11 +18,21 @@ pub struct Args {
     /// Resume the newest run directory of output_dir from its latest checkpoint.
     #[arg(long, alias = "resume_from_checkpoint")]
     resume: bool,
+    /// Where the forward/backward passes run: `cpu`, `cuda` (GPU 0) or `cuda:N` (needs a
+    /// build with the `cuda` feature).
+    #[arg(long, default_value = "cpu", value_parser = BackendChoice::parse)]
+    backend: BackendChoice,
 }
 
 pub fn run(a: Args) -> Result<()> {
     let cfg = LoadedConfig::from_file(&a.config)?;
-    let summary = train(&cfg, &RunOptions { resume: a.resume })?;
+    let summary = train(
+        &cfg,
+        &RunOptions {
+            resume: a.resume,
+            backend: a.backend,
+        },
+    )?;
     println!(
         "run directory: {} (global step {})",
         summary.run_dir.display(),

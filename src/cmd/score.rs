@@ -40,6 +40,10 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// Where the forward passes run: `cpu`, or `cuda` (GPU 0; needs a build with the `cuda`
+    /// feature).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    backend: String,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -61,10 +65,11 @@ pub fn run(a: Args) -> Result<()> {
     let wins = windows(ids.len(), a.seq_len);
     let window_len = wins.first().map(|w| w.1).unwrap_or(a.seq_len);
     let loaded = LoadedModel::load(&model, window_len, DType::F32)?;
+    let forward = super::backend::forward(&a.backend, &loaded)?;
     let mut first = true;
     let dump = a.dump_logits.clone();
     let s = score(&ids, a.seq_len, &mut |w| {
-        let logits = loaded.logits(w)?;
+        let logits = forward.logits(w)?;
         if first {
             if let Some(p) = &dump {
                 dump_logits(p, w, &logits)?;

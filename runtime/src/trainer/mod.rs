@@ -28,7 +28,7 @@ use crate::train::eval_schedule::is_eval_step;
 use crate::train::lora_decay::{check_decay_dtype, decay_lora_pair, lora_product_norm, LoraShape};
 use crate::train::schedule::Schedule;
 use crate::train::step_accounting::epoch_ended_by;
-use crate::{CpuBackend, HostTensor};
+use crate::HostTensor;
 use anyhow::{bail, Context, Result};
 use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::Graph;
@@ -48,6 +48,8 @@ pub const INIT_SEED: u64 = 42;
 
 pub struct RunOptions {
     pub resume: bool,
+    /// Where the forward/backward programs run (`qplc run --backend`).
+    pub backend: crate::step_runner::BackendChoice,
 }
 
 pub struct RunSummary {
@@ -189,7 +191,7 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
     }
 
-    let backend = CpuBackend::new();
+    let runner = crate::step_runner::StepRunner::new(opts.backend, &weights, &trainable.names)?;
     let mut outputs: Vec<String> = vec!["loss".into()];
     outputs.extend(trainable.names.iter().map(|n| grad_output_name(n)));
     let out_refs: Vec<&str> = outputs.iter().map(String::as_str).collect();
@@ -208,7 +210,7 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
             for mb in &batch.micro_batches {
                 let mut inputs = micro_batch_inputs(&eval, mb[0]);
                 inputs.insert(DROPOUT_KEY, dropout_key(0, 0, false));
-                let r = eval_prog.run(&backend, &|n| weights.get(n), &|n| inputs.get(n))?;
+                let r = runner.run(&eval_prog, weights, &inputs)?;
                 sum += r.get("loss").expect("loss output").as_f32()[0] as f64;
             }
             step_losses.push(sum / batch.micro_batches.len() as f64);
@@ -237,7 +239,7 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         for (m, mb) in batch.micro_batches.iter().enumerate() {
             let mut inputs = micro_batch_inputs(&train, mb[0]);
             inputs.insert(DROPOUT_KEY, dropout_key(k, m, true));
-            let r = train_prog.run(&backend, &|n| weights.get(n), &|n| inputs.get(n))?;
+            let r = runner.run(&train_prog, &weights, &inputs)?;
             loss_sum += r.get("loss").expect("loss output").as_f32()[0] as f64;
             for (g, name) in grads.iter_mut().zip(&trainable.names) {
                 let gi = r.get(&grad_output_name(name)).expect("grad output");
