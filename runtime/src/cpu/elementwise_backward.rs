@@ -65,7 +65,7 @@ pub(crate) fn unary_backward_in_place(op: UnaryOp, target: usize, v: &mut [f32],
             if target == 0 {
                 v.iter_mut().zip(o).for_each(|(x, &g)| *x = g * f(*x));
             } else {
-                v.iter_mut().zip(o).for_each(|(g, &x)| *g = *g * f(x));
+                v.iter_mut().zip(o).for_each(|(g, &x)| *g *= f(x));
             }
         });
 }
