@@ -30,6 +30,8 @@ enum Command {
     Score(cmd::score::Args),
     Generate(cmd::generate::Args),
     Inspect(cmd::inspect::Args),
+    Export(cmd::export::Args),
+    Analyze(cmd::analyze::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +55,8 @@ fn main() -> ExitCode {
         Command::Score(a) => cmd::score::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Analyze(a) => cmd::analyze::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -28,3 +28,7 @@ pub mod autodiff;
 pub mod loss;
 pub use autodiff::{append_backward, grad_output_name, AutodiffPass, GRAD_PREFIX};
 pub use loss::{append_loss, LossPass, IGNORE_INDEX};
+pub mod control;
+pub use control::{
+    control_weight_name, parse_control_weight_name, ControlPass, ControlRole, CONTROL_CLASSES,
+};

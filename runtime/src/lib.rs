@@ -20,3 +20,5 @@ pub mod adapter_init;
 pub mod log;
 pub mod peft;
 pub mod trainer;
+pub mod ca_files;
+pub mod export;

@@ -4,3 +4,5 @@ pub mod generate;
 pub mod inspect;
 pub mod run;
 pub mod score;
+pub mod analyze;
+pub mod export;
