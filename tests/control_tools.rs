@@ -120,7 +120,10 @@ fn exported_lora_product_equals_q_lambda_qt_w_down() {
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(both.join("adapter_config.json")).unwrap())
             .unwrap();
-    assert_eq!(cfg["target_modules"], serde_json::json!(["down_proj", "o_proj"]));
+    assert_eq!(
+        cfg["target_modules"],
+        serde_json::json!(["down_proj", "o_proj"])
+    );
     let bytes = std::fs::read(both.join("adapter_model.safetensors")).unwrap();
     assert_eq!(SafeTensors::deserialize(&bytes).unwrap().names().len(), 8);
     // Mixtral experts on a Llama: a clear error, not a silent empty adapter.
@@ -170,7 +173,10 @@ fn analysis_of_lambda_half_and_minus_quarter_is_exact() {
     assert!(close(a.nuclear, 0.75), "{a:?}");
     assert!(close(a.effective_rank, 1.8), "{a:?}");
     assert!(close(a.condition.unwrap(), 2.0), "{a:?}");
-    assert!(a.spectral_error.abs() < 1e-6 && a.nuclear_error.abs() < 1e-6, "{a:?}");
+    assert!(
+        a.spectral_error.abs() < 1e-6 && a.nuclear_error.abs() < 1e-6,
+        "{a:?}"
+    );
     assert!(a.orthogonality < 1e-10);
     // λ = 0 in one direction: infinite condition number.
     let a0 = analyze_layer(0, &q, h, &[0.0, 0.5]);
@@ -182,7 +188,9 @@ fn singular_values_without_forming_w_match_the_eigenvalues_of_w() {
     // An independent route for a non-orthonormal Q: form W = Q diag(λ) Qᵀ (h × h) and take
     // its eigenvalues with Jacobi; the r largest |eigenvalues| are the singular values.
     let (h, r) = (12, 3);
-    let q: Vec<f64> = (0..h * r).map(|i| ((i * 7919 % 23) as f64 - 11.0) / 10.0).collect();
+    let q: Vec<f64> = (0..h * r)
+        .map(|i| ((i * 7919 % 23) as f64 - 11.0) / 10.0)
+        .collect();
     let lam = [0.7, -0.3, 0.05];
     let mut w = vec![0.0; h * h];
     for i in 0..h {
@@ -195,7 +203,10 @@ fn singular_values_without_forming_w_match_the_eigenvalues_of_w() {
     want.sort_by(|a, b| b.total_cmp(a));
     let got = control_singular_values(&q, h, &lam);
     for k in 0..r {
-        assert!((got[k] - want[k]).abs() < 1e-9 * want[0], "{got:?} vs {want:?}");
+        assert!(
+            (got[k] - want[k]).abs() < 1e-9 * want[0],
+            "{got:?} vs {want:?}"
+        );
     }
     assert!(want[r] < 1e-9 * want[0], "W has rank r");
 }
@@ -206,7 +217,10 @@ fn analyze_prints_a_table_and_json() {
     let o = qplc(&["analyze", a.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("erank") && text.contains("summary over 2 layers"), "{text}");
+    assert!(
+        text.contains("erank") && text.contains("summary over 2 layers"),
+        "{text}"
+    );
     let o = qplc(&["analyze", a.to_str().unwrap(), "--json"]);
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["rank"], 4);

@@ -40,7 +40,10 @@ fn config(dir: &Path, overrides: &BTreeMap<String, String>) -> PathBuf {
         );
     }
     for (from, to) in overrides {
-        assert!(text.contains(from.as_str()), "control-adapter.toml lacks `{from}`");
+        assert!(
+            text.contains(from.as_str()),
+            "control-adapter.toml lacks `{from}`"
+        );
         text = text.replace(from.as_str(), to);
     }
     for needed in [
@@ -135,7 +138,9 @@ fn twenty_control_adapter_steps_match_the_pytorch_loop_within_1e_4_relative() {
         eprintln!("step {k}: qplc {got:.7} torch {want:.7} rel {rel:.2e}");
         worst = worst.max(rel);
         if rel > REL_TOL {
-            failures.push(format!("step {k}: qplc {got} vs torch {want} (rel {rel:.2e})"));
+            failures.push(format!(
+                "step {k}: qplc {got} vs torch {want} (rel {rel:.2e})"
+            ));
         }
     }
     eprintln!("max relative difference over {STEPS} steps: {worst:.2e}");
@@ -160,7 +165,9 @@ fn twenty_control_adapter_steps_match_the_pytorch_loop_within_1e_4_relative() {
             "base_model.model.model.layers.1.control_S",
         ]
     );
-    let q = st.tensor("base_model.model.model.layers.0.control_Q").unwrap();
+    let q = st
+        .tensor("base_model.model.model.layers.0.control_Q")
+        .unwrap();
     assert_eq!(q.shape(), [64, 8]);
     assert_eq!(q.dtype(), safetensors::Dtype::F32);
     assert_eq!(
@@ -169,12 +176,34 @@ fn twenty_control_adapter_steps_match_the_pytorch_loop_within_1e_4_relative() {
             .shape(),
         [8]
     );
-    let cfg: Value = serde_json::from_str(
-        &std::fs::read_to_string(epoch.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(epoch.join("adapter_config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["r"], 8);
     assert_eq!(cfg["lora_alpha"], 8);
     assert_eq!(cfg["target_modules"], serde_json::json!([]));
     assert_eq!(cfg["lora_dropout"], 0.0);
+}
+
+#[test]
+fn control_adapter_dropout_is_refused_until_the_dropout_op_exists() {
+    // spec §6.2.3 step 1 / check 28 need a dropout op; until then a clear error, not a
+    // silently different model.
+    let dir = tempfile::tempdir().unwrap();
+    let overrides: BTreeMap<String, String> = [(
+        "lora_dropout = 0.0".to_string(),
+        "lora_dropout = 0.1".to_string(),
+    )]
+    .into();
+    let out = Command::new(env!("CARGO_BIN_EXE_qplc"))
+        .arg("run")
+        .arg(config(dir.path(), &overrides))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("lora_dropout") && e.contains("dropout op"),
+        "{e}"
+    );
 }

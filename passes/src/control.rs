@@ -136,9 +136,14 @@ impl ControlPass {
             return Ok(chosen);
         }
         let masks = class_masks(graph, self.dtype)?;
+        // Adapting layer i replaces its output; layer i+1's input is then that new value
+        // (δ must be measured from what the layer actually received).
+        let mut replaced: BTreeMap<NodeId, NodeId> = BTreeMap::new();
         for &layer in &chosen {
             let (h, o) = bounds[&layer];
-            add_adapter(graph, layer, h, o, masks, self.rank, self.dtype)?;
+            let h = replaced.get(&h).copied().unwrap_or(h);
+            let new = add_adapter(graph, layer, h, o, masks, self.rank, self.dtype)?;
+            replaced.insert(o, new);
         }
         Ok(chosen)
     }
@@ -223,7 +228,11 @@ fn class_masks(graph: &mut Graph, dtype: DType) -> Result<(NodeId, NodeId)> {
         .map(|(_, id)| graph.node(id).ty.shape.dims()[0])
         .context("the control pass needs the `input_ids` input [T]")?;
     let cty = TensorType::new([t], DType::I32);
-    let classes = match graph.inputs().into_iter().find(|(n, _)| n == CONTROL_CLASSES) {
+    let classes = match graph
+        .inputs()
+        .into_iter()
+        .find(|(n, _)| n == CONTROL_CLASSES)
+    {
         Some((_, id)) => {
             if graph.node(id).ty != cty {
                 bail!(
@@ -283,7 +292,7 @@ fn class_masks(graph: &mut Graph, dtype: DType) -> Result<(NodeId, NodeId)> {
 }
 
 /// Q, S and the branch for one layer; every user of `o` (and any output that was `o`) is
-/// moved to `o'`.
+/// moved to `o'`, which is returned.
 fn add_adapter(
     graph: &mut Graph,
     layer: usize,
@@ -292,15 +301,23 @@ fn add_adapter(
     (pos, neg): (NodeId, NodeId),
     rank: usize,
     dtype: DType,
-) -> Result<()> {
+) -> Result<NodeId> {
     let users: Vec<(NodeId, usize)> = graph
         .g
         .edges_directed(o, Direction::Outgoing)
         .map(|e| (e.target(), *e.weight()))
         .collect();
     let oty = graph.node(o).ty.clone();
-    let hidden = *oty.shape.dims().last().context("layer output has no axes")?;
-    let base = Scope::new(format!("model.layers.{layer}"), BlockKind::Decoder, Some(layer));
+    let hidden = *oty
+        .shape
+        .dims()
+        .last()
+        .context("layer output has no axes")?;
+    let base = Scope::new(
+        format!("model.layers.{layer}"),
+        BlockKind::Decoder,
+        Some(layer),
+    );
     let scope = base.child("control");
     let mut weight = |role: ControlRole, dims: Vec<usize>| -> Result<NodeId> {
         let op = Op::Weight {
@@ -330,9 +347,23 @@ fn add_adapter(
         delta = graph.add(Op::Cast { to: dtype }, &[delta], &scope)?;
     }
     // Dropout hook (§6.2.3 step 1): dropout(δ) goes here once the op exists.
-    let z = graph.add(Op::MatMul { ta: false, tb: false }, &[delta, q], &scope)?;
+    let z = graph.add(
+        Op::MatMul {
+            ta: false,
+            tb: false,
+        },
+        &[delta, q],
+        &scope,
+    )?;
     let zl = graph.add(Op::Binary(BinaryOp::Mul), &[z, coef], &scope)?;
-    let mut a = graph.add(Op::MatMul { ta: false, tb: true }, &[zl, q], &scope)?;
+    let mut a = graph.add(
+        Op::MatMul {
+            ta: false,
+            tb: true,
+        },
+        &[zl, q],
+        &scope,
+    )?;
     if oty.dtype != dtype {
         a = graph.add(Op::Cast { to: oty.dtype }, &[a], &scope)?;
     }
@@ -352,5 +383,5 @@ fn add_adapter(
             *out = sum;
         }
     }
-    Ok(())
+    Ok(sum)
 }

@@ -104,7 +104,13 @@ pub fn write_tensors(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Res
     use safetensors::tensor::TensorView;
     let bytes = tensors
         .iter()
-        .map(|(k, t)| Ok((k.as_str(), t.shape().dims().to_vec(), tensor_bytes(k, t, t.ty.dtype)?)))
+        .map(|(k, t)| {
+            Ok((
+                k.as_str(),
+                t.shape().dims().to_vec(),
+                tensor_bytes(k, t, t.ty.dtype)?,
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
     let views = bytes
         .iter()
@@ -185,7 +191,10 @@ pub fn read_control_adapter(dir: &Path) -> Result<ControlAdapter> {
     let mut layers = BTreeMap::new();
     for (l, q) in qs {
         let s = ss.remove(&l).with_context(|| {
-            format!("`{}`: layer {l} has control_Q but no control_S", path.display())
+            format!(
+                "`{}`: layer {l} has control_Q but no control_S",
+                path.display()
+            )
         })?;
         let (qd, sd) = (q.shape().dims(), s.shape().dims());
         if qd.len() != 2 || sd.len() != 1 || qd[1] != sd[0] {
@@ -209,7 +218,10 @@ pub fn read_control_adapter(dir: &Path) -> Result<ControlAdapter> {
     }
     let ranks: BTreeSet<usize> = layers.values().map(|l| l.s.shape().numel()).collect();
     if ranks.len() != 1 {
-        bail!("`{}`: layers have different ranks {ranks:?}", path.display());
+        bail!(
+            "`{}`: layers have different ranks {ranks:?}",
+            path.display()
+        );
     }
     Ok(ControlAdapter {
         dir: dir.to_path_buf(),

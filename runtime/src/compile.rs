@@ -6,7 +6,9 @@ use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
-use qplc_passes::{AutodiffPass, ControlPass, FullFtPass, LoraPass, LossPass, PassContext, PassManager};
+use qplc_passes::{
+    AutodiffPass, ControlPass, FullFtPass, LoraPass, LossPass, PassContext, PassManager,
+};
 use std::path::{Path, PathBuf};
 
 pub struct CompileOptions {

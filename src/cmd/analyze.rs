@@ -5,9 +5,11 @@ use std::path::PathBuf;
 
 /// Per-layer spectral analysis of a Control Adapter (spec §11.4).
 #[derive(clap::Args)]
-#[command(after_help = "For W = Q diag(expm1 S) Qᵀ: ‖QᵀQ − I‖²_F, ‖W‖_F, ‖W‖₂, nuclear norm, \
+#[command(
+    after_help = "For W = Q diag(expm1 S) Qᵀ: ‖QᵀQ − I‖²_F, ‖W‖_F, ‖W‖₂, nuclear norm, \
 effective rank ‖W‖_*²/‖W‖_F², condition number, and the relative errors of the estimates \
-max|λ| ≈ ‖W‖₂ and Σ|λ| ≈ ‖W‖_*.\n\nExample:\n  qplc analyze target/runs/control-adapter/<run>/epoch1 --json")]
+max|λ| ≈ ‖W‖₂ and Σ|λ| ≈ ‖W‖_*.\n\nExample:\n  qplc analyze target/runs/control-adapter/<run>/epoch1 --json"
+)]
 pub struct Args {
     /// Control Adapter folder.
     adapter: PathBuf,

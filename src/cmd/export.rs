@@ -20,13 +20,15 @@ enum What {
 /// A Control Adapter as an additive PEFT LoRA (spec §11.3): per layer B = Q·diag(expm1 S),
 /// A = Qᵀ·W_target, so B·A = Q diag(λ) Qᵀ W exactly.
 #[derive(clap::Args)]
-#[command(after_help = "The LoRA reproduces the adapter exactly only where the targets carry \
+#[command(
+    after_help = "The LoRA reproduces the adapter exactly only where the targets carry \
 the whole layer delta (Cohere's parallel block with down_proj,o_proj); on sequential-block \
 models the attention part is lost. --fidelity-text measures the loss: the mean KL divergence \
 per predicted token between the model with the Control Adapter (every token in class +1, or \
 −1 with --inverse) and the model with the exported LoRA.\n\n\
 Examples:\n  qplc export control-to-lora --adapter run/epoch1 --model tests/fixtures/llama-gqa --out lora\n  \
-qplc export control-to-lora --adapter run/epoch1 --model tests/fixtures/llama-gqa --inverse --out lora-inv --fidelity-text tests/fixtures/text.txt")]
+qplc export control-to-lora --adapter run/epoch1 --model tests/fixtures/llama-gqa --inverse --out lora-inv --fidelity-text tests/fixtures/text.txt"
+)]
 pub struct ControlToLora {
     /// Control Adapter folder (adapter_config.json + adapter_model.safetensors).
     #[arg(long, value_name = "DIR")]
@@ -71,7 +73,14 @@ fn control(a: ControlToLora) -> Result<()> {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read `{}` as UTF-8 text", p.display()))?;
-            Some(measure(&a.model, &ca, &a.out, a.inverse, &text, a.fidelity_tokens)?)
+            Some(measure(
+                &a.model,
+                &ca,
+                &a.out,
+                a.inverse,
+                &text,
+                a.fidelity_tokens,
+            )?)
         }
     };
     if a.json {

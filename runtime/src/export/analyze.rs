@@ -120,7 +120,10 @@ pub fn render_table(rows: &[LayerAnalysis], rank: usize) -> String {
         let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{name:<14} {mean:.4e} [{min:.4e}, {max:.4e}]\n")
     };
-    s += &format!("\nsummary over {} layers (rank {rank}): mean [min, max]\n", rows.len());
+    s += &format!(
+        "\nsummary over {} layers (rank {rank}): mean [min, max]\n",
+        rows.len()
+    );
     s += &summary("orthogonality", &|r| r.orthogonality);
     s += &summary("|W|_F", &|r| r.frobenius);
     s += &summary("|W|_2", &|r| r.spectral);

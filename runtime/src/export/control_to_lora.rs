@@ -30,15 +30,17 @@ pub enum ExportTargets {
 
 impl ExportTargets {
     pub fn parse(s: &str) -> Result<ExportTargets> {
-        let mut parts: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+        let mut parts: Vec<&str> = s
+            .split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect();
         parts.sort();
         Ok(match parts.as_slice() {
             ["down_proj"] => ExportTargets::DownProj,
             ["down_proj", "o_proj"] => ExportTargets::DownProjOProj,
             ["experts"] | ["w2"] => ExportTargets::Experts,
-            _ => bail!(
-                "--targets `{s}`: expected `down_proj`, `down_proj,o_proj` or `experts`"
-            ),
+            _ => bail!("--targets `{s}`: expected `down_proj`, `down_proj,o_proj` or `experts`"),
         })
     }
 
@@ -65,7 +67,12 @@ impl ExportTargets {
                 let prefix = format!("{p}.block_sparse_moe.experts.");
                 let mut experts: Vec<usize> = ckpt
                     .names()
-                    .filter_map(|n| n.strip_prefix(&prefix)?.strip_suffix(".w2.weight")?.parse().ok())
+                    .filter_map(|n| {
+                        n.strip_prefix(&prefix)?
+                            .strip_suffix(".w2.weight")?
+                            .parse()
+                            .ok()
+                    })
                     .collect();
                 experts.sort();
                 out.extend(experts.iter().map(|e| format!("{prefix}{e}.w2")));
@@ -98,7 +105,13 @@ pub fn eigen_offsets(s: &[f32], inverse: bool) -> Vec<f64> {
 }
 
 /// `(B [h, r], A [r, in])` for one target weight `w [h, in]`, in f64.
-pub fn lora_factors(q: &[f32], lambda: &[f64], w: &[f32], h: usize, inf: usize) -> (Vec<f64>, Vec<f64>) {
+pub fn lora_factors(
+    q: &[f32],
+    lambda: &[f64],
+    w: &[f32],
+    h: usize,
+    inf: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let r = lambda.len();
     let mut b = vec![0.0; h * r];
     for i in 0..h {
@@ -150,8 +163,14 @@ pub fn control_to_lora(
             let w = ckpt.load(&name, &TensorType::new(info.shape.clone(), DType::F32))?;
             let (b, a) = lora_factors(l.q.as_f32(), &lambda, w.as_f32(), h, inf);
             let key = format!("base_model.model.{module}");
-            tensors.insert(format!("{key}.lora_A.weight"), tensor(vec![r, inf], &a, l.q.ty.dtype));
-            tensors.insert(format!("{key}.lora_B.weight"), tensor(vec![h, r], &b, l.q.ty.dtype));
+            tensors.insert(
+                format!("{key}.lora_A.weight"),
+                tensor(vec![r, inf], &a, l.q.ty.dtype),
+            );
+            tensors.insert(
+                format!("{key}.lora_B.weight"),
+                tensor(vec![h, r], &b, l.q.ty.dtype),
+            );
         }
     }
     let mut config = ca.config.clone();

@@ -36,7 +36,10 @@ pub fn fidelity_ids(tok: &Tokenizer, text: &str, max_tokens: usize) -> Result<Ve
     ids.extend(tok.encode(text)?.into_iter().map(|x| x as i32));
     ids.truncate(max_tokens);
     if ids.len() < 2 {
-        bail!("the fidelity text gives {} token(s); at least 2 are needed", ids.len());
+        bail!(
+            "the fidelity text gives {} token(s); at least 2 are needed",
+            ids.len()
+        );
     }
     Ok(ids)
 }
@@ -61,8 +64,14 @@ pub fn control_logits(
     let ckpt = Checkpoint::open(&model.dir)?;
     let mut weights: HashMap<String, HostTensor> = HashMap::new();
     for (&l, layer) in &ca.layers {
-        weights.insert(control_weight_name(l, ControlRole::Q), layer.q.cast(DType::F32));
-        weights.insert(control_weight_name(l, ControlRole::S), layer.s.cast(DType::F32));
+        weights.insert(
+            control_weight_name(l, ControlRole::Q),
+            layer.q.cast(DType::F32),
+        );
+        weights.insert(
+            control_weight_name(l, ControlRole::S),
+            layer.s.cast(DType::F32),
+        );
     }
     for (name, id) in graph.weights() {
         if weights.contains_key(&name) {
@@ -75,7 +84,10 @@ pub fn control_logits(
     }
     let inputs: HashMap<&str, HostTensor> = [
         ("input_ids", HostTensor::i32([t], ids.to_vec())),
-        ("position_ids", HostTensor::i32([t], (0..t as i32).collect())),
+        (
+            "position_ids",
+            HostTensor::i32([t], (0..t as i32).collect()),
+        ),
         (CONTROL_CLASSES, HostTensor::i32([t], vec![class; t])),
     ]
     .into();
@@ -100,7 +112,11 @@ pub fn mean_kl(p: &HostTensor, q: &HostTensor, rows: usize) -> f64 {
     for t in 0..rows {
         let lp = log_softmax(&p[t * v..(t + 1) * v]);
         let lq = log_softmax(&q[t * v..(t + 1) * v]);
-        sum += lp.iter().zip(&lq).map(|(a, b)| a.exp() * (a - b)).sum::<f64>();
+        sum += lp
+            .iter()
+            .zip(&lq)
+            .map(|(a, b)| a.exp() * (a - b))
+            .sum::<f64>();
     }
     sum / rows as f64
 }

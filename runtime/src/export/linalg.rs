@@ -88,7 +88,9 @@ pub fn control_singular_values(q: &[f64], h: usize, lambda: &[f64]) -> Vec<f64> 
     let mut m = vec![0.0; r * r];
     for i in 0..r {
         for j in 0..r {
-            m[i * r + j] = (0..r).map(|k| s[i * r + k] * lambda[k] * s[k * r + j]).sum();
+            m[i * r + j] = (0..r)
+                .map(|k| s[i * r + k] * lambda[k] * s[k * r + j])
+                .sum();
         }
     }
     let (w, _) = symmetric_eigen(&m, r);

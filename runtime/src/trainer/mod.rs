@@ -6,6 +6,7 @@ mod run_dir;
 pub mod state;
 
 use crate::adapter_init::init_lora_weights;
+use crate::ca_files::{control_adapter_config, write_control_adapter};
 use crate::checkpoint::Checkpoint;
 use crate::data::cache::SplitView;
 use crate::data::pipeline::prepare;
@@ -23,6 +24,9 @@ use crate::train::checkpoint_policy::{
     checkpoints_to_prune, list_checkpoint_dirs, remove_checkpoint_dir, Backoff, CheckpointTimer,
 };
 use crate::train::clip::clip_global_norm;
+use crate::train::control_reg::{
+    check_control_settings, init_control_weights, regularise_control, ControlMetrics,
+};
 use crate::train::eval_schedule::is_eval_step;
 use crate::train::lora_decay::{check_decay_dtype, decay_lora_pair, lora_product_norm, LoraShape};
 use crate::train::schedule::Schedule;
@@ -32,10 +36,6 @@ use anyhow::{bail, Context, Result};
 use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::Graph;
 use qplc_ops::{DType, Op};
-use crate::ca_files::{control_adapter_config, write_control_adapter};
-use crate::train::control_reg::{
-    check_control_settings, init_control_weights, regularise_control, ControlMetrics,
-};
 use qplc_passes::{
     control_weight_name, grad_output_name, parse_control_weight_name, AutodiffPass, ControlPass,
     ControlRole, FullFtPass, LoraPass, LossPass, PassContext, PassManager, CONTROL_CLASSES,
@@ -287,10 +287,17 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
             metrics.weight_decay = aggregate(&decays);
         }
         if control.is_some() {
-            let m = regularise_controls(&mut weights, c.control_adapter_gamma, eta, c.lora_weight_decay);
+            let m = regularise_controls(
+                &mut weights,
+                c.control_adapter_gamma,
+                eta,
+                c.lora_weight_decay,
+            );
             metrics.norms = aggregate(&m.iter().map(|m| m.norm).collect::<Vec<_>>());
-            metrics.orthogonality = aggregate(&m.iter().map(|m| m.orthogonality).collect::<Vec<_>>());
-            metrics.weight_decay = aggregate(&m.iter().filter_map(|m| m.weight_decay).collect::<Vec<_>>());
+            metrics.orthogonality =
+                aggregate(&m.iter().map(|m| m.orthogonality).collect::<Vec<_>>());
+            metrics.weight_decay =
+                aggregate(&m.iter().filter_map(|m| m.weight_decay).collect::<Vec<_>>());
         }
         global_step = k;
         losses.push((k, loss));
@@ -335,7 +342,15 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         if let Some(epoch) = ended {
             let dir = run_dir.join(format!("epoch{epoch}"));
-            save_model(cfg, &model, &graph, &weights, lora.as_ref(), control.as_ref(), &dir)?;
+            save_model(
+                cfg,
+                &model,
+                &graph,
+                &weights,
+                lora.as_ref(),
+                control.as_ref(),
+                &dir,
+            )?;
         }
     }
     progress.info(TRAINING_COMPLETE);
@@ -434,10 +449,7 @@ fn regularise_lora(
 /// `train/norms_*`, `train/orthogonality_*`, `train/weight_decay_*` scalars, spec §6.2.7).
 fn control_metrics_message(m: &StepMetrics, wd_active: bool) -> String {
     let f = |name: &str, s: &crate::log::scalars::Stats| {
-        format!(
-            "{name}: {:.3e} [{:.3e}, {:.3e}]",
-            s.avg, s.min, s.max
-        )
+        format!("{name}: {:.3e} [{:.3e}, {:.3e}]", s.avg, s.min, s.max)
     };
     let mut parts = vec![f("norms", &m.norms), f("orthogonality", &m.orthogonality)];
     if wd_active {

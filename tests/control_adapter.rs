@@ -5,8 +5,8 @@
 use qplc_compiler::{build_forward, load_model_def, BuildOptions, Graph};
 use qplc_ops::DType;
 use qplc_passes::{
-    append_backward, append_loss, control_weight_name, grad_output_name, ControlPass,
-    ControlRole, CONTROL_CLASSES,
+    append_backward, append_loss, control_weight_name, grad_output_name, ControlPass, ControlRole,
+    CONTROL_CLASSES,
 };
 use qplc_runtime::adapter_init::Pcg32;
 use qplc_runtime::checkpoint::Checkpoint;
@@ -22,7 +22,7 @@ use std::path::PathBuf;
 const H: usize = 64;
 
 fn root() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn model_dir() -> PathBuf {
@@ -32,10 +32,9 @@ fn model_dir() -> PathBuf {
 /// Forward graph of length `t` with adapters of rank `rank` on `layers` (None = all); with
 /// `train`, the loss and the backward graph too.
 fn graph(t: usize, rank: usize, layers: Option<BTreeSet<usize>>, train: bool) -> Graph {
-    let cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(model_dir().join("config.json")).unwrap(),
-    )
-    .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model_dir().join("config.json")).unwrap())
+            .unwrap();
     let def = load_model_def(Some("llama"), None).unwrap();
     let mut g = build_forward(
         &def,
@@ -87,7 +86,10 @@ fn run(
     let t = ids.len();
     let inputs: HashMap<&str, HostTensor> = [
         ("input_ids", HostTensor::i32([t], ids.to_vec())),
-        ("position_ids", HostTensor::i32([t], (0..t as i32).collect())),
+        (
+            "position_ids",
+            HostTensor::i32([t], (0..t as i32).collect()),
+        ),
         ("labels", HostTensor::i32([t], ids.to_vec())),
         (CONTROL_CLASSES, HostTensor::i32([t], classes.to_vec())),
     ]
@@ -168,9 +170,11 @@ fn position_t_uses_the_class_of_token_t_plus_one() {
     let g = graph(t, r, Some([1].into()), false);
     let mut w = base_weights(&g);
     let ids = ids(t);
+    let q = init_control_q(H, r, DType::F32, 7, 1).unwrap();
+    // S = 0 gives the base model (check 25).
+    set_adapter(&mut w, 1, q.clone(), vec![0.0; r]);
     let base = run(&g, &w, &ids, &[0; 4], &["logits"])["logits"].clone();
     let mut rng = Pcg32::new(3, 4);
-    let q = init_control_q(H, r, DType::F32, 7, 1).unwrap();
     set_adapter(&mut w, 1, q, random_s(&mut rng, r, 1.0));
     let logits = |classes: &[i32]| run(&g, &w, &ids, classes, &["logits"])["logits"].clone();
     let all_pos = logits(&[1; 4]);
@@ -185,7 +189,11 @@ fn position_t_uses_the_class_of_token_t_plus_one() {
     assert_eq!(row(&mixed, 0), row(&all_pos, 0));
     assert_eq!(row(&mixed, 1), row(&all_neg, 1));
     assert_eq!(row(&mixed, 2), row(&all_neg, 2));
-    assert_eq!(row(&mixed, 3), row(&base, 3), "the last position is the base output");
+    assert_eq!(
+        row(&mixed, 3),
+        row(&base, 3),
+        "the last position is the base output"
+    );
     // A position whose next token is masked (class 0) equals the base.
     let masked = logits(&[1, 0, 1, 1]);
     assert_eq!(row(&masked, 0), row(&base, 0));
@@ -200,7 +208,10 @@ fn q_init_is_orthonormal_s_is_zero_and_each_layer_has_r_times_h_plus_1_parameter
         let err = orthogonality_error(&q, h, r).sqrt();
         assert!(err < 1e-5, "‖QᵀQ − I‖_F = {err} for h={h} r={r}");
     }
-    assert!(init_control_q(4, 8, DType::F32, 1, 1).is_err(), "rank > hidden");
+    assert!(
+        init_control_q(4, 8, DType::F32, 1, 1).is_err(),
+        "rank > hidden"
+    );
     let g = graph(64, 8, None, false);
     assert_eq!(g.trainable_param_count(), 2 * 8 * (H as u64 + 1));
     let w = qplc_runtime::train::control_reg::init_control_weights(&g, 42).unwrap();
@@ -300,10 +311,12 @@ fn forward_and_q_s_gradients_match_the_pytorch_control_adapter() {
     eprintln!("logits: max |Δ| {err:.3e} (max |logit| {scale:.3})");
     assert!(err <= 1e-5 * scale.max(1.0), "logits differ by {err}");
 
-    let want_loss =
-        f64::from_le_bytes(st.tensor("loss").unwrap().data()[..8].try_into().unwrap());
+    let want_loss = f64::from_le_bytes(st.tensor("loss").unwrap().data()[..8].try_into().unwrap());
     let loss = out["loss"].as_f32()[0] as f64;
-    assert!((loss - want_loss).abs() <= 1e-5 * want_loss, "loss {loss} vs {want_loss}");
+    assert!(
+        (loss - want_loss).abs() <= 1e-5 * want_loss,
+        "loss {loss} vs {want_loss}"
+    );
 
     for l in 0..2 {
         for role in [ControlRole::Q, ControlRole::S] {
@@ -315,9 +328,16 @@ fn forward_and_q_s_gradients_match_the_pytorch_control_adapter() {
                 .iter()
                 .zip(&want)
                 .fold(0f64, |m, (&a, &b)| m.max((a as f64 - b as f64).abs()));
-            eprintln!("{name}: max |Δ| {err:.3e} / max |g| {scale:.3e} = {:.2e}", err / scale);
+            eprintln!(
+                "{name}: max |Δ| {err:.3e} / max |g| {scale:.3e} = {:.2e}",
+                err / scale
+            );
             assert!(scale > 0.0);
-            assert!(err <= 1e-4 * scale, "{name}: relative error {:e}", err / scale);
+            assert!(
+                err <= 1e-4 * scale,
+                "{name}: relative error {:e}",
+                err / scale
+            );
         }
     }
 }
@@ -330,7 +350,10 @@ fn one_newton_step_squares_a_small_orthogonality_error() {
     let q0 = init_control_q(h, r, DType::F32, 1, 2).unwrap();
     let mut rng = Pcg32::new(9, 9);
     for eps in [1e-2f32, 3e-3] {
-        let mut q: Vec<f32> = q0.iter().map(|&x| x + eps * rng.uniform(-1.0, 1.0)).collect();
+        let mut q: Vec<f32> = q0
+            .iter()
+            .map(|&x| x + eps * rng.uniform(-1.0, 1.0))
+            .collect();
         let before = orthogonality_error(&q, h, r).sqrt();
         let reported = newton_retraction(&mut q, h, r, 0.5, DType::F32);
         let after = orthogonality_error(&q, h, r);
