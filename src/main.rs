@@ -32,6 +32,8 @@ enum Command {
     Inspect(cmd::inspect::Args),
     #[cfg(feature = "cuda")]
     CudaCheck(cmd::cuda_check::Args),
+    Export(cmd::export::Args),
+    Analyze(cmd::analyze::Args),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +59,8 @@ fn main() -> ExitCode {
         Command::Inspect(a) => cmd::inspect::run(a),
         #[cfg(feature = "cuda")]
         Command::CudaCheck(a) => cmd::cuda_check::run(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Analyze(a) => cmd::analyze::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

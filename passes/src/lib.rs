@@ -30,3 +30,7 @@ pub use autodiff::{append_backward, grad_output_name, AutodiffPass, GRAD_PREFIX}
 pub use loss::{append_loss, LossPass, IGNORE_INDEX};
 pub mod fuse;
 pub use fuse::{cross_entropy_rules, fuse, op_symbol, FusePass, FuseRule, FuseStats};
+pub mod control;
+pub use control::{
+    control_weight_name, parse_control_weight_name, ControlPass, ControlRole, CONTROL_CLASSES,
+};

@@ -227,7 +227,7 @@ fn add_pair(graph: &mut Graph, id: NodeId, rank: usize, dtype: DType) -> Result<
 }
 
 /// The `dropout_key` input, added once per graph.
-fn dropout_key_input(graph: &mut Graph) -> Result<NodeId> {
+pub(crate) fn dropout_key_input(graph: &mut Graph) -> Result<NodeId> {
     let ty = TensorType::new([3], DType::I32);
     if let Some((_, id)) = graph.inputs().into_iter().find(|(n, _)| n == DROPOUT_KEY) {
         if graph.node(id).ty != ty {

@@ -54,7 +54,7 @@ impl Pcg32 {
 }
 
 /// FNV-1a of a name: the per-tensor stream id.
-fn name_hash(name: &str) -> u64 {
+pub fn name_hash(name: &str) -> u64 {
     name.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
     })

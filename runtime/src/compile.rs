@@ -1,13 +1,13 @@
 //! `qplc compile`: TOML config + model folder → built graph → passes → plan on disk, with
 //! the report and graph dumps beside it (DESIGN.md "The flow", steps 1–3).
 use crate::model::ModelDir;
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
 use qplc_passes::{
-    AutodiffPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
+    AutodiffPass, ControlPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
 };
 use std::path::{Path, PathBuf};
 
@@ -45,11 +45,9 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
         Mode::FullFineTune => {
             passes.insert_before("partition", FullFtPass::from_config(cfg)?)?;
         }
-        Mode::ControlAdapter => bail!(
-            "{}: use_control_adapters: Control Adapters are not implemented yet (issue 5); \
-             qplc can compile LoRA and full fine-tune configs",
-            cfg.path.display()
-        ),
+        Mode::ControlAdapter => {
+            passes.insert_before("partition", ControlPass::from_config(cfg)?)?;
+        }
     }
     passes.insert_before("partition", LossPass)?;
     passes.insert_before("partition", AutodiffPass)?;

@@ -22,6 +22,8 @@ pub use backend::{Backend, KernelError};
 pub use cpu::CpuBackend;
 pub use tensor::{Data, HostTensor};
 pub mod adapter_init;
+pub mod ca_files;
+pub mod export;
 pub mod log;
 pub mod peft;
 pub mod trainer;

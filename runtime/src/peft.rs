@@ -403,7 +403,7 @@ python -c \"import torch, safetensors.torch as s; s.save_file({{k: v.contiguous(
     })
 }
 
-fn tensor_from_view(view: &safetensors::tensor::TensorView<'_>) -> Result<HostTensor> {
+pub(crate) fn tensor_from_view(view: &safetensors::tensor::TensorView<'_>) -> Result<HostTensor> {
     let data = view.data();
     let (values, dtype): (Vec<f32>, DType) = match view.dtype() {
         Dtype::F32 => (

@@ -1,8 +1,10 @@
+pub mod analyze;
 pub mod backend;
 pub mod compile;
 #[cfg(feature = "cuda")]
 pub mod cuda_check;
 pub mod data;
+pub mod export;
 pub mod generate;
 pub mod inspect;
 pub mod run;

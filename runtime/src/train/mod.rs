@@ -11,6 +11,7 @@
 pub mod adam;
 pub mod checkpoint_policy;
 pub mod clip;
+pub mod control_reg;
 pub mod eval_schedule;
 pub mod lora_decay;
 pub mod schedule;

@@ -6,6 +6,7 @@ mod run_dir;
 pub mod state;
 
 use crate::adapter_init::init_lora_weights;
+use crate::ca_files::{control_adapter_config, write_control_adapter};
 use crate::checkpoint::Checkpoint;
 use crate::data::cache::SplitView;
 use crate::data::pipeline::prepare;
@@ -24,6 +25,9 @@ use crate::train::checkpoint_policy::{
     checkpoints_to_prune, list_checkpoint_dirs, remove_checkpoint_dir, Backoff, CheckpointTimer,
 };
 use crate::train::clip::clip_global_norm;
+use crate::train::control_reg::{
+    check_control_settings, init_control_weights, regularise_control, ControlMetrics,
+};
 use crate::train::eval_schedule::is_eval_step;
 use crate::train::lora_decay::{check_decay_dtype, decay_lora_pair, lora_product_norm, LoraShape};
 use crate::train::schedule::Schedule;
@@ -34,8 +38,9 @@ use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::Graph;
 use qplc_ops::{dropout, DType, Op};
 use qplc_passes::{
-    grad_output_name, AutodiffPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext,
-    PassManager, DROPOUT_KEY,
+    control_weight_name, grad_output_name, parse_control_weight_name, AutodiffPass, ControlPass,
+    ControlRole, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
+    CONTROL_CLASSES, DROPOUT_KEY,
 };
 use state::TrainState;
 use std::collections::{BTreeMap, HashMap};
@@ -68,12 +73,6 @@ struct Trainable {
 pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
     let c = &cfg.config;
     let mode = cfg.mode();
-    if mode == Mode::ControlAdapter {
-        bail!(
-            "{}: use_control_adapters: Control Adapters are not implemented yet (issue 5)",
-            cfg.path.display()
-        );
-    }
     let output_dir = cfg.output_dir()?;
     let run_dir = if opts.resume {
         run_dir::latest(&output_dir)?
@@ -86,17 +85,23 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
     let seq_len = cfg.sequence_len();
     let built = model.build(seq_len, DType::F32)?;
     let mut passes = PassManager::new();
-    let lora = match mode {
+    let mut lora = None;
+    let mut control = None;
+    match mode {
         Mode::Lora => {
             let p = LoraPass::from_config(cfg)?;
             passes.add(p.clone());
-            Some(p)
+            lora = Some(p);
         }
-        _ => {
+        Mode::ControlAdapter => {
+            let p = ControlPass::from_config(cfg)?;
+            passes.add(p.clone());
+            control = Some(p);
+        }
+        Mode::FullFineTune => {
             passes.add(FullFtPass::from_config(cfg)?);
-            None
         }
-    };
+    }
     passes
         .add(LossPass)
         .add(AutodiffPass)
@@ -108,7 +113,13 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
     if trainable.names.is_empty() {
         bail!("nothing is trainable: check target_modules / layers_to_transform");
     }
-    if c.lora_weight_decay > 0.0 {
+    if control.is_some() {
+        // spec §3.8: the reference checks these at the first regularisation; the values
+        // are known now, so a bad config fails before any work.
+        for d in &trainable.dtypes {
+            check_control_settings(c.control_adapter_gamma, c.lora_weight_decay, *d)?;
+        }
+    } else if c.lora_weight_decay > 0.0 {
         for d in &trainable.dtypes {
             check_decay_dtype(c.lora_weight_decay, *d)?;
         }
@@ -117,6 +128,7 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
     // Weights: base from the checkpoint, adapters freshly initialised.
     let ckpt = Checkpoint::open(&model.dir)?;
     let mut weights: HashMap<String, HostTensor> = init_lora_weights(&graph, INIT_SEED);
+    weights.extend(init_control_weights(&graph, INIT_SEED)?);
     for (name, id) in graph.weights() {
         if weights.contains_key(&name) {
             continue;
@@ -283,10 +295,26 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
             metrics.norms = aggregate(&norms);
             metrics.weight_decay = aggregate(&decays);
         }
+        if control.is_some() {
+            let m = regularise_controls(
+                &mut weights,
+                c.control_adapter_gamma,
+                eta,
+                c.lora_weight_decay,
+            );
+            metrics.norms = aggregate(&m.iter().map(|m| m.norm).collect::<Vec<_>>());
+            metrics.orthogonality =
+                aggregate(&m.iter().map(|m| m.orthogonality).collect::<Vec<_>>());
+            metrics.weight_decay =
+                aggregate(&m.iter().filter_map(|m| m.weight_decay).collect::<Vec<_>>());
+        }
         global_step = k;
         losses.push((k, loss));
         events.add_scalars(&step_scalars(mode, wd_active, &metrics), k as i64)?;
         progress.step(k, loss, eta);
+        if control.is_some() {
+            progress.info(&control_metrics_message(&metrics, wd_active));
+        }
 
         if is_eval_step(k, spe, c.evals_per_epoch) {
             progress.begin_eval();
@@ -323,7 +351,15 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         }
         if let Some(epoch) = ended {
             let dir = run_dir.join(format!("epoch{epoch}"));
-            save_model(cfg, &model, &graph, &weights, lora.as_ref(), &dir)?;
+            save_model(
+                cfg,
+                &model,
+                &graph,
+                &weights,
+                lora.as_ref(),
+                control.as_ref(),
+                &dir,
+            )?;
         }
     }
     progress.info(TRAINING_COMPLETE);
@@ -352,6 +388,8 @@ fn trainable_weights(graph: &Graph) -> Trainable {
     }
 }
 
+/// The graph inputs of one packed sequence: ids, positions, labels and the (unshifted)
+/// per-token control classes, which only Control Adapter graphs read.
 fn micro_batch_inputs(split: &SplitView, index: usize) -> HashMap<&'static str, HostTensor> {
     let s = split.sequence(index);
     let t = s.input_ids.len();
@@ -365,6 +403,10 @@ fn micro_batch_inputs(split: &SplitView, index: usize) -> HashMap<&'static str, 
             HostTensor::i32([t], (0..t as i32).collect()),
         ),
         ("labels", HostTensor::i32([t], s.labels.to_vec())),
+        (
+            CONTROL_CLASSES,
+            HostTensor::i32([t], s.classes.iter().map(|&c| c as i32).collect()),
+        ),
     ])
 }
 
@@ -421,6 +463,61 @@ fn regularise_lora(
     (norms, decays)
 }
 
+/// The Control Adapter statistics of a step for the console (the same values as the
+/// `train/norms_*`, `train/orthogonality_*`, `train/weight_decay_*` scalars, spec §6.2.7).
+fn control_metrics_message(m: &StepMetrics, wd_active: bool) -> String {
+    let f = |name: &str, s: &crate::log::scalars::Stats| {
+        format!("{name}: {:.3e} [{:.3e}, {:.3e}]", s.avg, s.min, s.max)
+    };
+    let mut parts = vec![f("norms", &m.norms), f("orthogonality", &m.orthogonality)];
+    if wd_active {
+        parts.push(f("weight_decay", &m.weight_decay));
+    }
+    format!("control adapters (avg [min, max]): {}", parts.join(", "))
+}
+
+/// Newton retraction and S shrinkage of every Control Adapter (spec §6.2.5–§6.2.7), after
+/// the optimiser step with η = lr·f(k).
+fn regularise_controls(
+    weights: &mut HashMap<String, HostTensor>,
+    gamma: f64,
+    eta: f64,
+    decay: f64,
+) -> Vec<ControlMetrics> {
+    let mut layers: Vec<usize> = weights
+        .keys()
+        .filter_map(|n| parse_control_weight_name(n))
+        .filter(|(_, r)| *r == ControlRole::Q)
+        .map(|(l, _)| l)
+        .collect();
+    layers.sort();
+    let mut out = Vec::new();
+    for l in layers {
+        let (qn, sn) = (
+            control_weight_name(l, ControlRole::Q),
+            control_weight_name(l, ControlRole::S),
+        );
+        let (Some(mut q), Some(mut s)) = (weights.remove(&qn), weights.remove(&sn)) else {
+            continue;
+        };
+        let (h, r) = (q.shape().dims()[0], q.shape().dims()[1]);
+        let dtype = q.ty.dtype;
+        out.push(regularise_control(
+            q.as_f32_mut(),
+            s.as_f32_mut(),
+            h,
+            r,
+            dtype,
+            gamma,
+            eta,
+            decay,
+        ));
+        weights.insert(qn, q);
+        weights.insert(sn, s);
+    }
+    out
+}
+
 /// `epochN/` (spec §9.6): a PEFT adapter, or the full weights as HF safetensors plus the
 /// model folder's config and tokenizer files.
 fn save_model(
@@ -429,6 +526,7 @@ fn save_model(
     graph: &Graph,
     weights: &HashMap<String, HostTensor>,
     lora: Option<&LoraPass>,
+    control: Option<&ControlPass>,
     dir: &std::path::Path,
 ) -> Result<()> {
     let tmp = dir.with_extension("tmp");
@@ -436,14 +534,27 @@ fn save_model(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    match lora {
-        Some(pass) => {
+    match (lora, control) {
+        (Some(pass), _) => {
             let base = cfg.model_dir()?.display().to_string();
             let acfg = AdapterConfig::from_pass(pass, graph, &base)?;
             write_adapter(&tmp, graph, weights, &acfg)?;
         }
+        (None, Some(pass)) => {
+            let base = cfg.model_dir()?.display().to_string();
+            let mut layers: Vec<usize> = graph
+                .weights()
+                .iter()
+                .filter_map(|(n, _)| parse_control_weight_name(n))
+                .map(|(l, _)| l)
+                .collect();
+            layers.sort();
+            layers.dedup();
+            let acfg = control_adapter_config(pass.rank, pass.dropout, pass.layers.clone(), &base);
+            write_control_adapter(&tmp, weights, &layers, &acfg)?;
+        }
         // Shards of ≤ 5 GB with an index when the state dict is larger (spec §9.6).
-        None => {
+        (None, None) => {
             write_full_model(&tmp, &model.dir, weights, SHARD_LIMIT)?;
         }
     }
