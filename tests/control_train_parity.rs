@@ -88,21 +88,7 @@ fn twenty_control_adapter_steps_match_the_pytorch_loop_within_1e_4_relative() {
     let counts = &fixture["class_counts"];
     assert!(counts["1"].as_u64().unwrap() > 0 && counts["-1"].as_u64().unwrap() > 0);
 
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_qplc"))
-        .arg("run")
-        .arg(config(dir.path(), &overrides))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qplc run failed:\n{stderr}");
-    let run_dir = std::fs::read_dir(dir.path().join("out"))
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
-
+    let (_dir, run_dir) = run_example(&overrides);
     let scalars = qplc_runtime::log::tfevents::read_scalars(&event_file(&run_dir)).unwrap();
     let of = |tag: &str| -> BTreeMap<i64, f64> {
         scalars
@@ -185,8 +171,9 @@ fn twenty_control_adapter_steps_match_the_pytorch_loop_within_1e_4_relative() {
     assert_eq!(cfg["lora_dropout"], 0.0);
 }
 
-/// Runs examples/control-adapter.toml with `overrides`; returns (train/loss, eval/loss) by step.
-fn run_losses(overrides: &BTreeMap<String, String>) -> (BTreeMap<i64, f64>, BTreeMap<i64, f64>) {
+/// Runs examples/control-adapter.toml with `overrides`; returns the temporary folder (kept
+/// alive by the caller) and the run directory inside it.
+fn run_example(overrides: &BTreeMap<String, String>) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_qplc"))
         .arg("run")
@@ -204,6 +191,12 @@ fn run_losses(overrides: &BTreeMap<String, String>) -> (BTreeMap<i64, f64>, BTre
         .unwrap()
         .unwrap()
         .path();
+    (dir, run_dir)
+}
+
+/// Runs examples/control-adapter.toml with `overrides`; returns (train/loss, eval/loss) by step.
+fn run_losses(overrides: &BTreeMap<String, String>) -> (BTreeMap<i64, f64>, BTreeMap<i64, f64>) {
+    let (_dir, run_dir) = run_example(overrides);
     let scalars = qplc_runtime::log::tfevents::read_scalars(&event_file(&run_dir)).unwrap();
     let of = |tag: &str| -> BTreeMap<i64, f64> {
         scalars

@@ -177,17 +177,27 @@ fn lora_branch_output_replaces_the_linear_for_all_its_users() {
 }
 
 #[test]
-fn lora_dropout_is_reported_as_not_applied() {
+fn lora_dropout_puts_one_dropout_on_every_branch_input() {
     let cfg = config("lora_rank = 2\nlora_dropout = 0.1");
-    let (_, cx) = run(
+    let (g, cx) = run(
         LoraPass::from_config(&cfg).unwrap(),
         llama(false, DType::F32),
     );
     assert!(
-        cx.notes.iter().any(|n| n.contains("not applied")),
+        cx.notes.iter().any(|n| n.contains("dropout p = 0.1")),
         "{:?}",
         cx.notes
     );
+    let drops: Vec<_> =
+        g.g.node_indices()
+            .filter(|&id| matches!(g.node(id).op, Op::Dropout { p, .. } if p == 0.1))
+            .collect();
+    let branches =
+        g.g.node_indices()
+            .filter(|&id| g.node(id).op == Op::Linear && g.node(id).module.ends_with(".lora_A"))
+            .count();
+    assert!(branches > 0);
+    assert_eq!(drops.len(), branches, "one dropout per LoRA branch");
 }
 
 #[test]

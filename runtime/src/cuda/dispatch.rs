@@ -72,6 +72,14 @@ pub(crate) fn execute(
                 format!("`{v}` is bound by the executor, not computed"),
             ))
         }
+        // Added to the op vocabulary after this backend's first step; the fuse pass removes
+        // Nll/NllBackward from compiled plans, and dropout needs its counter-hash kernel here.
+        Op::Nll | Op::NllBackward | Op::Dropout { .. } => {
+            return Err(KernelError::new(
+                name,
+                "not implemented on the CUDA backend yet (issue 6); use --backend cpu",
+            ))
+        }
         Op::Fill { value, .. } => match &mut out.data {
             DevData::F32(s) => be.fill_f32(s, n, *value as f32)?,
             DevData::I32(s) => be.fill_i32(s, n, *value as i32)?,
