@@ -15,7 +15,7 @@ use rayon::prelude::*;
 pub(crate) const VOCAB_CHUNK: usize = 65_536;
 
 /// PyTorch's `ignore_index`.
-const IGNORE: i32 = -100;
+pub(crate) const IGNORE: i32 = -100;
 
 /// `log Σ exp(row)`, chunk by chunk: each chunk contributes `(m_c, s_c = Σ exp(x − m_c))`
 /// and the running pair is rescaled to the larger maximum.
@@ -36,7 +36,7 @@ pub(crate) fn row_logsumexp(row: &[f32]) -> f64 {
 }
 
 /// Labels as integers, each −100 or a column of the logits; the number of valid ones.
-fn checked_labels<'a>(
+pub(crate) fn checked_labels<'a>(
     name: &'static str,
     labels: &'a HostTensor,
     vocab: usize,

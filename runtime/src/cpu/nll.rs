@@ -2,49 +2,11 @@
 //! gradient. Training runs the fused `CrossEntropy` instead (the fuse pass rewrites
 //! `Nll(LogSoftmax(z), y)`); these kernels exist so the unfused graph runs and the rewrite
 //! can be checked against it.
+use super::cross_entropy::{checked_labels, IGNORE};
 use super::{f32s, f32s_mut};
 use crate::backend::KernelError;
-use crate::tensor::Data;
 use crate::HostTensor;
 use rayon::prelude::*;
-
-/// PyTorch's `ignore_index`.
-const IGNORE: i32 = -100;
-
-/// Labels as integers, each −100 or a column of `[T, V]`; the number of valid ones.
-fn checked_labels<'a>(
-    name: &'static str,
-    labels: &'a HostTensor,
-    vocab: usize,
-) -> Result<(&'a [i32], usize), KernelError> {
-    let y = match &labels.data {
-        Data::I32(v) => v.as_slice(),
-        Data::F32(_) => return Err(KernelError::new(name, "labels must be integers")),
-    };
-    let mut count = 0;
-    for (t, &l) in y.iter().enumerate() {
-        if l == IGNORE {
-            continue;
-        }
-        if l < 0 || l as usize >= vocab {
-            return Err(KernelError::new(
-                name,
-                format!(
-                    "label {l} at position {t} is outside the vocabulary 0..{vocab} (and not −100)"
-                ),
-            ));
-        }
-        count += 1;
-    }
-    if count == 0 {
-        // spec §7 / check 34, as the fused kernel.
-        return Err(KernelError::new(
-            name,
-            "All labels are masked (every shifted label is −100): the sequence has nothing to predict",
-        ));
-    }
-    Ok((y, count))
-}
 
 /// `−mean_{t: y_t ≠ −100} logp[t, y_t]` → f32 scalar, summed in f64.
 pub(crate) fn nll(
