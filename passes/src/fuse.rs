@@ -332,7 +332,7 @@ fn materialise(
 }
 
 /// Moves every use of `old` (operand edges and graph outputs) to `new`.
-fn replace_uses(graph: &mut Graph, old: NodeId, new: NodeId) {
+pub(crate) fn replace_uses(graph: &mut Graph, old: NodeId, new: NodeId) {
     let uses: Vec<(petgraph::stable_graph::EdgeIndex, NodeId, usize)> = graph
         .g
         .edges_directed(old, Direction::Outgoing)
@@ -355,7 +355,7 @@ fn replace_uses(graph: &mut Graph, old: NodeId, new: NodeId) {
 
 /// Removes the replaced nodes and, transitively, the computed operands they leave unused
 /// (never inputs or weights, which the runtime binds by name). Returns the count.
-fn remove_dead(graph: &mut Graph, start: Vec<NodeId>) -> usize {
+pub(crate) fn remove_dead(graph: &mut Graph, start: Vec<NodeId>) -> usize {
     let outputs: HashSet<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
     let mut work = start;
     let mut removed = 0;

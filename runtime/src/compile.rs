@@ -8,6 +8,7 @@ use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
 use qplc_passes::{
     AutodiffPass, ControlPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
+    SimplifyPass,
 };
 use std::path::{Path, PathBuf};
 
@@ -53,6 +54,7 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     passes.insert_before("partition", AutodiffPass)?;
     // After autodiff (DESIGN "The flow"), so the rules fuse the loss's backward too.
     passes.insert_before("partition", FusePass::standard())?;
+    passes.insert_before("partition", SimplifyPass)?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

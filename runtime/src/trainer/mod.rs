@@ -39,7 +39,7 @@ use qplc_compiler::Graph;
 use qplc_ops::{dropout, DType, Op};
 use qplc_passes::{
     control_weight_name, grad_output_name, parse_control_weight_name, AutodiffPass, ControlPass,
-    ControlRole, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
+    ControlRole, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager, SimplifyPass,
     CONTROL_CLASSES, DROPOUT_KEY,
 };
 use state::TrainState;
@@ -105,7 +105,8 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
     passes
         .add(LossPass)
         .add(AutodiffPass)
-        .add(FusePass::standard());
+        .add(FusePass::standard())
+        .add(SimplifyPass);
     let mut cx = PassContext::new(seq_len, c.pipeline_stages as usize, &cfg.partition_method());
     cx.num_layers = Some(built.info.num_layers);
     let graph = passes.run(built.graph, &mut cx)?.graph;

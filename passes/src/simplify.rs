@@ -1,0 +1,179 @@
+//! The `simplify` pass: removes work that the adapter and autodiff passes leave behind
+//! without changing a single bit of any result.
+//!
+//! * **Identities**: `Scale{1.0}` (LoRA with `alpha = r`), a `Cast` to the dtype the value
+//!   already has, a `Reshape` to the same shape, a `Transpose` by the identity permutation.
+//!   Each is exact, so the node's users read its operand instead.
+//! * **Common subexpressions**: two nodes with the same op and the same operands compute the
+//!   same value (every op is a pure function of its operands — `Dropout` too: its mask is a
+//!   hash of the key operand, the salt and the index), so the later one is dropped. The LoRA
+//!   pass casts a layer's normed input to f32 once per adapted projection (q, k, v; gate,
+//!   up): the copies merge into one buffer, which the backward would otherwise keep alive
+//!   three times over.
+//!
+//! Must run before `recompute`, whose duplicated forward nodes are deliberate copies.
+use crate::fuse::{remove_dead, replace_uses};
+use crate::pass::{Pass, PassContext};
+use anyhow::Result;
+use qplc_compiler::{Graph, NodeId};
+use qplc_ops::Op;
+use std::collections::HashMap;
+
+/// What one run removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimplifyStats {
+    /// Nodes whose users now read their operand.
+    pub identities: usize,
+    /// Nodes merged into an earlier identical one.
+    pub duplicates: usize,
+    /// Nodes removed in all (the above and what became unused through them).
+    pub removed: usize,
+}
+
+pub struct SimplifyPass;
+
+impl Pass for SimplifyPass {
+    fn name(&self) -> &str {
+        "simplify"
+    }
+
+    fn run(&self, mut graph: Graph, cx: &mut PassContext) -> Result<Graph> {
+        let s = simplify(&mut graph)?;
+        if s.removed > 0 {
+            cx.notes.push(format!(
+                "simplify: {} identity op(s) and {} duplicate(s) removed ({} node(s) in all)",
+                s.identities, s.duplicates, s.removed
+            ));
+        }
+        Ok(graph)
+    }
+}
+
+/// The operand a node passes through unchanged, if the node is an identity.
+fn identity_of(graph: &Graph, id: NodeId) -> Option<NodeId> {
+    let n = graph.node(id);
+    let operands = graph.operands(id);
+    let [x] = operands[..] else {
+        return None;
+    };
+    if graph.node(x).ty != n.ty {
+        return None;
+    }
+    let exact = match &n.op {
+        Op::Scale { factor } => *factor == 1.0,
+        Op::Cast { .. } | Op::Reshape { .. } => true,
+        Op::Transpose { perm } => perm.iter().enumerate().all(|(i, p)| i == *p),
+        _ => false,
+    };
+    exact.then_some(x)
+}
+
+/// Removes identities and merges duplicates, to a fixed point (merging two nodes can make
+/// their users duplicates in turn; one pass in topological order catches that already, since
+/// a node's operands are final when it is visited).
+pub fn simplify(graph: &mut Graph) -> Result<SimplifyStats> {
+    let mut stats = SimplifyStats::default();
+    let mut replaced = Vec::new();
+    // Key: the op's exact Debug form (f64 parameters print round-trip) and operand ids.
+    let mut seen: HashMap<(String, Vec<NodeId>), NodeId> = HashMap::new();
+    for id in graph.topo_order()? {
+        if graph.g.node_weight(id).is_none() {
+            continue;
+        }
+        if let Some(x) = identity_of(graph, id) {
+            replace_uses(graph, id, x);
+            replaced.push(id);
+            stats.identities += 1;
+            continue;
+        }
+        let n = graph.node(id);
+        // Inputs and weights are bound by name; keep each node the runtime binds.
+        if matches!(n.op, Op::Input { .. } | Op::Weight { .. }) {
+            continue;
+        }
+        let key = (format!("{:?}", n.op), graph.operands(id));
+        match seen.get(&key) {
+            Some(&first) if graph.node(first).ty == graph.node(id).ty => {
+                replace_uses(graph, id, first);
+                replaced.push(id);
+                stats.duplicates += 1;
+            }
+            _ => {
+                seen.insert(key, id);
+            }
+        }
+    }
+    stats.removed = remove_dead(graph, replaced);
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qplc_compiler::{BlockKind, Scope};
+    use qplc_ops::{DType, TensorType, UnaryOp};
+
+    fn scope() -> Scope {
+        Scope::new("m", BlockKind::Decoder, Some(0))
+    }
+
+    fn input(g: &mut Graph, name: &str, dtype: DType) -> NodeId {
+        g.add(
+            Op::Input {
+                name: name.into(),
+                ty: TensorType::new(vec![4, 3], dtype),
+            },
+            &[],
+            &scope(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn identities_and_duplicates_go_and_the_rest_stays() {
+        let mut g = Graph::new();
+        let s = scope();
+        let x = input(&mut g, "x", DType::BF16);
+        let one = g.add(Op::Scale { factor: 1.0 }, &[x], &s).unwrap();
+        let two = g.add(Op::Scale { factor: 2.0 }, &[x], &s).unwrap();
+        let c1 = g.add(Op::Cast { to: DType::F32 }, &[one], &s).unwrap();
+        let c2 = g.add(Op::Cast { to: DType::F32 }, &[x], &s).unwrap();
+        let same = g.add(Op::Cast { to: DType::BF16 }, &[two], &s).unwrap();
+        let e1 = g.add(Op::Unary(UnaryOp::Exp), &[c1], &s).unwrap();
+        let e2 = g.add(Op::Unary(UnaryOp::Exp), &[c2], &s).unwrap();
+        let sum = g
+            .add(Op::Binary(qplc_ops::BinaryOp::Add), &[e1, e2], &s)
+            .unwrap();
+        g.set_output("sum", sum);
+        g.set_output("same", same);
+        let stats = simplify(&mut g).unwrap();
+        g.verify().unwrap();
+        // scale 1.0 and the bf16→bf16 cast; c2 merges into c1, then e2 into e1.
+        assert_eq!(stats.identities, 2, "{stats:?}");
+        assert_eq!(stats.duplicates, 2, "{stats:?}");
+        assert_eq!(g.output("same"), Some(two));
+        let sum = g.output("sum").unwrap();
+        assert_eq!(g.operands(sum), vec![e1, e1]);
+        assert_eq!(g.operands(e1), vec![c1]);
+        assert_eq!(g.operands(c1), vec![x]);
+        // x, scale 2.0, cast, exp, add.
+        assert_eq!(g.g.node_count(), 5);
+    }
+
+    #[test]
+    fn different_parameters_or_operands_are_not_merged() {
+        let mut g = Graph::new();
+        let s = scope();
+        let x = input(&mut g, "x", DType::F32);
+        let y = input(&mut g, "y", DType::F32);
+        let a = g.add(Op::Scale { factor: 0.5 }, &[x], &s).unwrap();
+        let b = g.add(Op::Scale { factor: 0.25 }, &[x], &s).unwrap();
+        let c = g.add(Op::Scale { factor: 0.5 }, &[y], &s).unwrap();
+        for (i, n) in [a, b, c].into_iter().enumerate() {
+            g.set_output(&format!("o{i}"), n);
+        }
+        let stats = simplify(&mut g).unwrap();
+        assert_eq!(stats, SimplifyStats::default());
+        assert_eq!(g.g.node_count(), 5);
+    }
+}
