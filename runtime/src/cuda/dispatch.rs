@@ -345,7 +345,7 @@ pub(crate) fn execute(
             launch!(be, "row_lse" @ f, row_blocks(rows, LSE_THREADS); z.data(), &mut *lse, &r_, &v_)?;
             let lse: &CudaSlice<f64> = lse;
             if matches!(op, Op::CrossEntropy) {
-                launch!(be, "cross_entropy" @ f, 1;
+                launch!(be, "cross_entropy" @ f, 1usize;
                     z.data(), ys, lse, out.data_mut(), &r_, &v_, &count)?;
             } else {
                 let g = f32_scalar(be, name, operands[2])?;
@@ -358,7 +358,7 @@ pub(crate) fn execute(
             let (rows, v) = (lp.ty.shape.dims()[0], lp.ty.shape.dims()[1]);
             let count = check_labels(be, name, y, v)? as i64;
             let (r_, v_) = (rows as i64, v as i64);
-            launch!(be, "nll" @ f, 1;
+            launch!(be, "nll" @ f, 1usize;
                 lp.data(), ints(name, y)?, out.data_mut(), &r_, &v_, &count)?;
         }
         Op::NllBackward => {

@@ -137,13 +137,6 @@ impl Grid for Option<LaunchConfig> {
 /// The launch's return code is checked; asynchronous faults surface at the next
 /// synchronisation (every download synchronises).
 macro_rules! launch {
-    ($be:expr, $name:literal @ $float:expr, $grid:expr; $($arg:expr),* $(,)?) => {{
-        let full = format!("{}_{}", $name, $crate::cuda::Float::suffix($float));
-        $crate::cuda::launch::launch!(@go $be, $name, &full, $grid; $($arg),*)
-    }};
-    ($be:expr, $name:literal, $grid:expr; $($arg:expr),* $(,)?) => {
-        $crate::cuda::launch::launch!(@go $be, $name, $name, $grid; $($arg),*)
-    };
     (@go $be:expr, $name:literal, $full:expr, $grid:expr; $($arg:expr),*) => {{
         match ($crate::cuda::launch::Grid::config($grid), $be.func($full)) {
             (None, _) => Ok(()),
@@ -161,6 +154,13 @@ macro_rules! launch {
             }
         }
     }};
+    ($be:expr, $name:literal @ $float:expr, $grid:expr; $($arg:expr),* $(,)?) => {{
+        let full = format!("{}_{}", $name, $crate::cuda::Float::suffix($float));
+        $crate::cuda::launch::launch!(@go $be, $name, &full, $grid; $($arg),*)
+    }};
+    ($be:expr, $name:literal, $grid:expr; $($arg:expr),* $(,)?) => {
+        $crate::cuda::launch::launch!(@go $be, $name, $name, $grid; $($arg),*)
+    };
 }
 pub(crate) use launch;
 
