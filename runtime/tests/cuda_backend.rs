@@ -12,10 +12,18 @@ use std::path::Path;
 #[test]
 fn kernels_compile_with_nvrtc_for_hopper_in_both_storage_builds() {
     for (float, entries) in [
-        (Float::F32, &["attention_f32", "round_storage", "binary_i32"][..]),
+        (
+            Float::F32,
+            &["attention_f32", "round_storage", "binary_i32"][..],
+        ),
         (
             Float::BF16,
-            &["attention_bf16", "row_lse_bf16", "dropout_bf16", "narrow_bf16"][..],
+            &[
+                "attention_bf16",
+                "row_lse_bf16",
+                "dropout_bf16",
+                "narrow_bf16",
+            ][..],
         ),
     ] {
         match compile_kernels("sm_90", float) {

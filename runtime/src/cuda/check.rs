@@ -601,7 +601,10 @@ fn cases(g: &mut Gen) -> Vec<Case> {
             eps: 1e-6,
             offset: 0.0,
         },
-        vec![g.f(&[7, 12], -2.0, 2.0).cast(DType::BF16), g.f(&[12], 0.5, 1.5)],
+        vec![
+            g.f(&[7, 12], -2.0, 2.0).cast(DType::BF16),
+            g.f(&[12], 0.5, 1.5),
+        ],
     ));
     v.push(case(
         "mixed cross_entropy backward z bf16, g bf16",

@@ -70,6 +70,20 @@ fn cross_entropy_llama3(gpu: &CudaBackend, seed: u64) -> Result<Vec<CheckRow>, K
     let want_grad = cpu.eval(&Op::CrossEntropyBackward, &[&z, &y, &g])?;
     let (zg, yg, gg) = (gpu.upload(&z)?, gpu.upload(&y)?, gpu.upload(&g)?);
     drop(z);
+    // bf16 storage is 2 bytes an element on the device.
+    let mut storage = row_failed(
+        format!(
+            "bf16 logits on the device: {:.3} GB for {} elements",
+            zg.device_bytes() as f64 / 1e9,
+            t * v
+        ),
+        String::new(),
+    );
+    storage.rel_err = 0.0;
+    storage.max_abs = 0.0;
+    if zg.device_bytes() != 2 * t * v {
+        storage.failure = format!("{} bytes, expected {}", zg.device_bytes(), 2 * t * v);
+    }
     let (loss, fwd_s) = timed(gpu, &Op::CrossEntropy, &[&zg, &yg], &want_loss.ty)?;
     let (grad, bwd_s) = timed(
         gpu,
@@ -90,7 +104,7 @@ fn cross_entropy_llama3(gpu: &CudaBackend, seed: u64) -> Result<Vec<CheckRow>, K
         &gpu.download(&grad)?,
         BF16_TOL,
     );
-    Ok(vec![a, b])
+    Ok(vec![storage, a, b])
 }
 
 /// The Llama-8B MLP up-projection in bf16: timed over repeated runs (TFLOP/s in the row
@@ -143,11 +157,17 @@ pub fn large_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let mut rows = Vec::new();
     match cross_entropy_llama3(gpu, seed) {
         Ok(r) => rows.extend(r),
-        Err(e) => rows.push(row_failed("cross_entropy T=4096 V=128256".into(), e.to_string())),
+        Err(e) => rows.push(row_failed(
+            "cross_entropy T=4096 V=128256".into(),
+            e.to_string(),
+        )),
     }
     match linear_mlp(gpu, seed) {
         Ok(r) => rows.push(r),
-        Err(e) => rows.push(row_failed("linear bf16 4096x4096x14336".into(), e.to_string())),
+        Err(e) => rows.push(row_failed(
+            "linear bf16 4096x4096x14336".into(),
+            e.to_string(),
+        )),
     }
     // The big buffers are cached now; give them back so later checks start lean.
     gpu.trim_cache();

@@ -182,9 +182,7 @@ pub(crate) fn execute(
                 operands[0].data(), w, b, &has_b, out.data_mut(), &rows, &h, eps)?;
         }
         Op::Rope(rope) => rotate(be, name, f, rope, operands[0], operands[1], out, 1.0)?,
-        Op::RopeBackward(rope) => {
-            rotate(be, name, f, rope, operands[0], operands[1], out, -1.0)?
-        }
+        Op::RopeBackward(rope) => rotate(be, name, f, rope, operands[0], operands[1], out, -1.0)?,
         Op::Attention {
             scale,
             sliding_window,
@@ -534,7 +532,10 @@ fn words(name: &'static str, x: &CudaTensor, out: &CudaTensor) -> Result<Float, 
     if !same {
         return Err(KernelError::new(
             name,
-            format!("input {} and output {} are held in different storage", x.ty, out.ty),
+            format!(
+                "input {} and output {} are held in different storage",
+                x.ty, out.ty
+            ),
         ));
     }
     Ok(w(x.data()))

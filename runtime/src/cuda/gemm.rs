@@ -8,7 +8,9 @@
 use super::{cuda_err, CudaBackend};
 use crate::backend::KernelError;
 use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::cublas::sys::{
+    cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t,
+};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 use std::ffi::c_void;
 
@@ -135,4 +137,3 @@ impl CudaBackend {
         r.map_err(|e| cuda_err(name, "cuBLAS GemmEx", e))
     }
 }
-

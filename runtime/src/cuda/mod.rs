@@ -11,13 +11,13 @@
 //! where the CPU does) and rounds its result to the storage type once, exactly as the CPU
 //! backend rounds after each op, so the two backends compute the same function and can be
 //! compared op by op (`check`). Buffers come from a caching allocator (`alloc`).
+mod alloc;
 pub mod check;
 mod check_large;
 mod dispatch;
+mod gemm;
 mod launch;
 pub mod model;
-mod alloc;
-mod gemm;
 
 use crate::backend::{Backend, KernelError};
 use crate::tensor::{Data, HostTensor};
@@ -70,7 +70,12 @@ const KERNEL_NAMES: &[&str] = &[
 ];
 
 /// Kernels of the f32 build only (integers, f16 rounding, the in-place f32 bias).
-const F32_KERNEL_NAMES: &[&str] = &["round_storage", "fill_i32", "binary_i32", "bias_inplace_f32"];
+const F32_KERNEL_NAMES: &[&str] = &[
+    "round_storage",
+    "fill_i32",
+    "binary_i32",
+    "bias_inplace_f32",
+];
 
 /// Kernels of the bf16 build only (storage conversions).
 const BF16_KERNEL_NAMES: &[&str] = &["widen_bf16", "narrow_bf16"];
@@ -203,7 +208,10 @@ pub struct CudaBackend {
 /// Compiles kernels.cu with NVRTC for `arch` (`sm_90`) in one storage build; a compile error
 /// carries NVRTC's log. Needs only libnvrtc (no GPU), so it is tested wherever that library
 /// is found.
-pub fn compile_kernels(arch: &'static str, float: Float) -> Result<cudarc::nvrtc::Ptx, KernelError> {
+pub fn compile_kernels(
+    arch: &'static str,
+    float: Float,
+) -> Result<cudarc::nvrtc::Ptx, KernelError> {
     let src = format!("{}{KERNELS}", float.define());
     with_libraries(move || {
         cudarc::nvrtc::compile_ptx_with_opts(
@@ -274,7 +282,10 @@ impl CudaBackend {
                 let b = sc.spawn(|| compile_kernels(arch, Float::BF16));
                 let f = compile_kernels(arch, Float::F32);
                 let b = b.join().unwrap_or_else(|_| {
-                    Err(KernelError::new("nvrtc", "the bf16 compile thread panicked"))
+                    Err(KernelError::new(
+                        "nvrtc",
+                        "the bf16 compile thread panicked",
+                    ))
                 });
                 (f, b)
             });
@@ -385,7 +396,11 @@ impl CudaBackend {
 
     /// A buffer of `ty` held in float storage `float` (not necessarily `Float::of(ty)`: the
     /// dispatch code widens mixed-dtype operands to f32). Unpoisoned.
-    pub(crate) fn alloc_in(&self, ty: &TensorType, float: Float) -> Result<CudaTensor, KernelError> {
+    pub(crate) fn alloc_in(
+        &self,
+        ty: &TensorType,
+        float: Float,
+    ) -> Result<CudaTensor, KernelError> {
         let n = ty.shape.numel();
         let data = match float {
             Float::F32 => DevData::F32(self.pool.take::<f32>(n)?),
@@ -448,10 +463,15 @@ impl Backend for CudaBackend {
         let data = match &t.data {
             Data::F32(v) if t.ty.dtype == DType::BF16 && v.len() == n => {
                 // Host bf16 tensors hold bf16-representable f32 values, so this is exact.
-                let bits: Vec<u16> = v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+                let bits: Vec<u16> = v
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
                 let mut s = self.pool.take::<u16>(n)?;
                 if n > 0 {
-                    self.stream.memcpy_htod(bits.as_slice(), &mut s).map_err(err)?;
+                    self.stream
+                        .memcpy_htod(bits.as_slice(), &mut s)
+                        .map_err(err)?;
                 }
                 DevData::BF16(s)
             }
@@ -496,7 +516,11 @@ impl Backend for CudaBackend {
                 }
                 // The bits are converted only once the copy has surely landed.
                 self.synchronize()?;
-                Data::F32(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+                Data::F32(
+                    bits.into_iter()
+                        .map(|b| half::bf16::from_bits(b).to_f32())
+                        .collect(),
+                )
             }
             DevData::I32(s) => {
                 let mut v = vec![0i32; n];
