@@ -20,6 +20,8 @@ use qplc_ops::{BinaryOp, DType, Op, ReduceOp, Rope, TensorType, UnaryOp};
 
 /// Threads per block of the row-per-block log-sum-exp (`LSE_THREADS` in kernels.cu).
 const LSE_THREADS: u32 = 512;
+/// Threads per block of the row-per-block norms (`NORM_THREADS` in kernels.cu).
+const NORM_THREADS: u32 = 256;
 
 /// `qplc_ops::UnaryOp` → the op code of `unary_fn` in kernels.cu.
 fn unary_code(u: UnaryOp) -> i32 {
@@ -168,7 +170,7 @@ pub(crate) fn execute(
         Op::RmsNorm { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            launch!(be, "rms_norm" @ f, rows as usize;
+            launch!(be, "rms_norm" @ f, row_blocks(rows as usize, NORM_THREADS);
                 operands[0].data(), operands[1].data(), out.data_mut(), &rows, &h, &eps, &offset)?;
         }
         Op::LayerNorm { eps } => {
@@ -178,7 +180,7 @@ pub(crate) fn execute(
                 Some(b) => (b.data(), 1i32),
                 None => (w, 0i32),
             };
-            launch!(be, "layer_norm" @ f, rows as usize;
+            launch!(be, "layer_norm" @ f, row_blocks(rows as usize, NORM_THREADS);
                 operands[0].data(), w, b, &has_b, out.data_mut(), &rows, &h, eps)?;
         }
         Op::Rope(rope) => rotate(be, name, f, rope, operands[0], operands[1], out, 1.0)?,
@@ -408,27 +410,18 @@ pub(crate) fn execute(
         Op::RmsNormBackward { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            launch!(be, "rms_norm_backward" @ f, rows as usize;
+            launch!(be, "rms_norm_backward" @ f, row_blocks(rows as usize, NORM_THREADS);
                 operands[0].data(), operands[1].data(), operands[2].data(),
                 out.data_mut(), &rows, &h, &eps, &offset)?;
         }
-        Op::RmsNormWeightGrad { eps } => {
-            let (rows, h) = rows_h(operands[0]);
-            let eps = *eps as f32;
-            launch!(be, "rms_norm_weight_grad" @ f, h as usize;
-                operands[0].data(), operands[1].data(), out.data_mut(), &rows, &h, &eps)?;
-        }
+        Op::RmsNormWeightGrad { eps } => norm_weight_grad(be, f, operands, out, *eps, false)?,
         Op::LayerNormBackward { eps } => {
             let (rows, h) = rows_h(operands[0]);
-            launch!(be, "layer_norm_backward" @ f, rows as usize;
+            launch!(be, "layer_norm_backward" @ f, row_blocks(rows as usize, NORM_THREADS);
                 operands[0].data(), operands[1].data(), operands[2].data(),
                 out.data_mut(), &rows, &h, eps)?;
         }
-        Op::LayerNormWeightGrad { eps } => {
-            let (rows, h) = rows_h(operands[0]);
-            launch!(be, "layer_norm_weight_grad" @ f, h as usize;
-                operands[0].data(), operands[1].data(), out.data_mut(), &rows, &h, eps)?;
-        }
+        Op::LayerNormWeightGrad { eps } => norm_weight_grad(be, f, operands, out, *eps, true)?,
     }
     // As the CPU backend: a bf16/f16 value computed in f32 and held as f32 is rounded to its
     // dtype once (bf16 storage was rounded by the kernel's store).
@@ -441,6 +434,33 @@ pub(crate) fn execute(
         launch!(be, "round_storage", n; o, &nn, &mode)?;
     }
     Ok(())
+}
+
+/// RMS / layer norm weight gradient: per-row statistics once (block per row), then one
+/// thread per column summing the rows in order.
+fn norm_weight_grad(
+    be: &CudaBackend,
+    f: Float,
+    operands: &[&CudaTensor],
+    out: &mut CudaTensor,
+    eps: f64,
+    layer: bool,
+) -> Result<(), KernelError> {
+    let (rows, h) = rows_h(operands[0]);
+    let (x, g) = (operands[0].data(), operands[1].data());
+    let mut stats = be.scratch::<f32>(2 * rows as usize)?;
+    let stats: &mut CudaSlice<f32> = &mut stats;
+    let layer_ = layer as i32;
+    launch!(be, "norm_row_stats" @ f, row_blocks(rows as usize, NORM_THREADS);
+        x, &mut *stats, &rows, &h, &eps, &layer_)?;
+    let stats: &CudaSlice<f32> = stats;
+    if layer {
+        launch!(be, "layer_norm_weight_grad" @ f, h as usize;
+            x, g, stats, out.data_mut(), &rows, &h)
+    } else {
+        launch!(be, "rms_norm_weight_grad" @ f, h as usize;
+            x, g, stats, out.data_mut(), &rows, &h)
+    }
 }
 
 /// Runs `op` on f32 copies of its bf16 operands (see the module doc) and rounds into `out`.

@@ -340,43 +340,71 @@ __global__ void SFX(reduce)(const S* x, S* o, long long outer, long long len, lo
     }
 }
 
-__device__ float SFX(rms_inv)(const S* x, long long h, float eps) {
+// Norms: one block of NORM_THREADS per row (rows are the hidden size, thousands wide), row
+// statistics summed in f64 across the block as the CPU sums them in f64; the weight
+// gradients take per-row statistics computed once (`*_row_stats`) and sum each column over
+// the rows in order in f64, one thread per column.
+#define NORM_THREADS 256
+
+// Σ of `v` over the block (all threads get it); `sh` is NORM_THREADS doubles of shared memory.
+__device__ double block_sum(double v, double* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float SFX(rms_inv)(const S* x, long long h, float eps, double* sh) {
     double s = 0.0;
-    for (long long j = 0; j < h; ++j) {
+    for (long long j = threadIdx.x; j < h; j += blockDim.x) {
         double v = (double)ld(x[j]);
         s += v * v;
     }
+    s = block_sum(s, sh);
     float ms = (float)(s / (double)h);
     return 1.0f / sqrtf(ms + eps);
 }
 
-__device__ void SFX(ln_stats)(const S* x, long long h, double eps, float* mean_out, float* r_out) {
+__device__ void SFX(ln_stats)(const S* x, long long h, double eps, float* mean_out, float* r_out, double* sh) {
     double mean = 0.0;
-    for (long long j = 0; j < h; ++j) mean += (double)ld(x[j]);
-    mean /= (double)h;
+    for (long long j = threadIdx.x; j < h; j += blockDim.x) mean += (double)ld(x[j]);
+    mean = block_sum(mean, sh) / (double)h;
     double var = 0.0;
-    for (long long j = 0; j < h; ++j) { double d = (double)ld(x[j]) - mean; var += d * d; }
-    var /= (double)h;
+    for (long long j = threadIdx.x; j < h; j += blockDim.x) {
+        double d = (double)ld(x[j]) - mean;
+        var += d * d;
+    }
+    var = block_sum(var, sh) / (double)h;
     *mean_out = (float)mean;
     *r_out = (float)(1.0 / sqrt(var + eps));
 }
 
+#define ROWS(r, rows) for (long long r = blockIdx.x; r < (rows); r += gridDim.x)
+
 __global__ void SFX(rms_norm)(const S* x, const S* w, S* o, long long rows, long long h, float eps,
                               float offset) {
-    LOOP(r, rows) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
         const S* xr = x + r * h;
-        float inv = SFX(rms_inv)(xr, h, eps);
-        for (long long j = 0; j < h; ++j) o[r * h + j] = st(ld(xr[j]) * inv * (offset + ld(w[j])));
+        float inv = SFX(rms_inv)(xr, h, eps, sh);
+        for (long long j = threadIdx.x; j < h; j += blockDim.x)
+            o[r * h + j] = st(ld(xr[j]) * inv * (offset + ld(w[j])));
     }
 }
 
 __global__ void SFX(layer_norm)(const S* x, const S* w, const S* b, int has_b, S* o, long long rows, long long h,
                                 double eps) {
-    LOOP(r, rows) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
         const S* xr = x + r * h;
         float mean, inv;
-        SFX(ln_stats)(xr, h, eps, &mean, &inv);
-        for (long long j = 0; j < h; ++j) {
+        SFX(ln_stats)(xr, h, eps, &mean, &inv, sh);
+        for (long long j = threadIdx.x; j < h; j += blockDim.x) {
             float y = (ld(xr[j]) - mean) * inv * ld(w[j]);
             o[r * h + j] = st(has_b ? y + ld(b[j]) : y);
         }
@@ -385,47 +413,63 @@ __global__ void SFX(layer_norm)(const S* x, const S* w, const S* b, int has_b, S
 
 __global__ void SFX(rms_norm_backward)(const S* x, const S* w, const S* g, S* o, long long rows, long long h,
                                        float eps, float offset) {
-    LOOP(r, rows) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
         const S* xr = x + r * h;
         const S* gr = g + r * h;
-        double inv = (double)SFX(rms_inv)(xr, h, eps);
+        double inv = (double)SFX(rms_inv)(xr, h, eps, sh);
         double dot = 0.0;
-        for (long long j = 0; j < h; ++j)
+        for (long long j = threadIdx.x; j < h; j += blockDim.x)
             dot += (double)ld(xr[j]) * (double)ld(gr[j]) * (double)(offset + ld(w[j]));
+        dot = block_sum(dot, sh);
         double c = inv * inv * inv * dot / (double)h;
-        for (long long j = 0; j < h; ++j)
+        for (long long j = threadIdx.x; j < h; j += blockDim.x)
             o[r * h + j] = st((float)(inv * (double)(offset + ld(w[j])) * (double)ld(gr[j]) - c * (double)ld(xr[j])));
     }
 }
 
+// Per-row statistics for the weight gradients: stats[2r] = mean (0 for RMS), stats[2r+1] = 1/σ.
+__global__ void SFX(norm_row_stats)(const S* x, float* stats, long long rows, long long h, double eps, int layer) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
+        float mean = 0.0f, inv;
+        if (layer) SFX(ln_stats)(x + r * h, h, eps, &mean, &inv, sh);
+        else inv = SFX(rms_inv)(x + r * h, h, (float)eps, sh);
+        if (threadIdx.x == 0) {
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = inv;
+        }
+    }
+}
+
 // One thread per column, rows summed in order in f64.
-__global__ void SFX(rms_norm_weight_grad)(const S* x, const S* g, S* o, long long rows, long long h, float eps) {
+__global__ void SFX(rms_norm_weight_grad)(const S* x, const S* g, const float* stats, S* o, long long rows,
+                                          long long h) {
     LOOP(c, h) {
         double acc = 0.0;
-        for (long long r = 0; r < rows; ++r) {
-            double inv = (double)SFX(rms_inv)(x + r * h, h, eps);
-            acc += (double)ld(g[r * h + c]) * (double)ld(x[r * h + c]) * inv;
-        }
+        for (long long r = 0; r < rows; ++r)
+            acc += (double)ld(g[r * h + c]) * (double)ld(x[r * h + c]) * (double)stats[2 * r + 1];
         o[c] = st((float)acc);
     }
 }
 
 __global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* o, long long rows, long long h,
                                          double eps) {
-    LOOP(r, rows) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
         const S* xr = x + r * h;
         const S* gr = g + r * h;
         float mean, inv;
-        SFX(ln_stats)(xr, h, eps, &mean, &inv);
+        SFX(ln_stats)(xr, h, eps, &mean, &inv, sh);
         double s1 = 0.0, s2 = 0.0;
-        for (long long j = 0; j < h; ++j) {
+        for (long long j = threadIdx.x; j < h; j += blockDim.x) {
             double xh = (double)((ld(xr[j]) - mean) * inv);
             double d = (double)ld(gr[j]) * (double)ld(w[j]);
             s1 += d;
             s2 += d * xh;
         }
-        double m1 = s1 / (double)h, m2 = s2 / (double)h;
-        for (long long j = 0; j < h; ++j) {
+        double m1 = block_sum(s1, sh) / (double)h, m2 = block_sum(s2, sh) / (double)h;
+        for (long long j = threadIdx.x; j < h; j += blockDim.x) {
             double xh = (double)((ld(xr[j]) - mean) * inv);
             double d = (double)ld(gr[j]) * (double)ld(w[j]);
             o[r * h + j] = st((float)((double)inv * (d - m1 - xh * m2)));
@@ -433,15 +477,12 @@ __global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* 
     }
 }
 
-__global__ void SFX(layer_norm_weight_grad)(const S* x, const S* g, S* o, long long rows, long long h,
-                                            double eps) {
+__global__ void SFX(layer_norm_weight_grad)(const S* x, const S* g, const float* stats, S* o, long long rows,
+                                            long long h) {
     LOOP(c, h) {
         double acc = 0.0;
-        for (long long r = 0; r < rows; ++r) {
-            float mean, inv;
-            SFX(ln_stats)(x + r * h, h, eps, &mean, &inv);
-            acc += (double)ld(g[r * h + c]) * (double)((ld(x[r * h + c]) - mean) * inv);
-        }
+        for (long long r = 0; r < rows; ++r)
+            acc += (double)ld(g[r * h + c]) * (double)((ld(x[r * h + c]) - stats[2 * r]) * stats[2 * r + 1]);
         o[c] = st((float)acc);
     }
 }

@@ -56,6 +56,7 @@ const KERNEL_NAMES: &[&str] = &[
     "rms_norm_weight_grad",
     "layer_norm_backward",
     "layer_norm_weight_grad",
+    "norm_row_stats",
     "rope",
     "attention",
     "attention_stats",
