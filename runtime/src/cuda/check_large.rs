@@ -152,6 +152,60 @@ fn linear_mlp(gpu: &CudaBackend, seed: u64) -> Result<CheckRow, KernelError> {
     Ok(r)
 }
 
+/// RMS norm forward, backward and weight gradient at the 8B hidden size ([4096, 4096] bf16):
+/// each timed and compared with the CPU.
+fn rms_norm_8b(gpu: &CudaBackend, seed: u64) -> Result<Vec<CheckRow>, KernelError> {
+    let (t, h) = (4096usize, 4096usize);
+    let mut rng = Pcg32::new(seed, 25);
+    let x = bf16_tensor(&mut rng, &[t, h], -2.0, 2.0);
+    let w = bf16_tensor(&mut rng, &[h], 0.5, 1.5);
+    let g = bf16_tensor(&mut rng, &[t, h], -1.0, 1.0);
+    let (xg, wg, gg) = (gpu.upload(&x)?, gpu.upload(&w)?, gpu.upload(&g)?);
+    let cases: [(&str, Op, Vec<&HostTensor>, Vec<&CudaTensor>); 3] = [
+        (
+            "rms_norm",
+            Op::RmsNorm {
+                eps: 1e-5,
+                offset: 0.0,
+            },
+            vec![&x, &w],
+            vec![&xg, &wg],
+        ),
+        (
+            "rms_norm backward",
+            Op::RmsNormBackward {
+                eps: 1e-5,
+                offset: 0.0,
+            },
+            vec![&x, &w, &g],
+            vec![&xg, &wg, &gg],
+        ),
+        (
+            "rms_norm weight grad",
+            Op::RmsNormWeightGrad { eps: 1e-5 },
+            vec![&x, &g],
+            vec![&xg, &gg],
+        ),
+    ];
+    let cpu = CpuBackend::new();
+    let mut rows = Vec::new();
+    for (name, op, host, dev) in cases {
+        let want = cpu.eval(&op, &host)?;
+        // The first run loads the kernel; the second is timed.
+        timed(gpu, &op, &dev, &want.ty)?;
+        let (out, s) = timed(gpu, &op, &dev, &want.ty)?;
+        let mut r = compare(
+            &format!("{name} [4096,4096] ({:.2} ms)", s * 1e3),
+            &want,
+            &gpu.download(&out)?,
+            BF16_TOL,
+        );
+        r.dtype = DType::BF16;
+        rows.push(r);
+    }
+    Ok(rows)
+}
+
 /// The training-size checks; each failure (including running out of memory) is a row.
 pub fn large_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let mut rows = Vec::new();
@@ -168,6 +222,10 @@ pub fn large_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
             "linear bf16 4096x4096x14336".into(),
             e.to_string(),
         )),
+    }
+    match rms_norm_8b(gpu, seed) {
+        Ok(r) => rows.extend(r),
+        Err(e) => rows.push(row_failed("rms_norm [4096,4096]".into(), e.to_string())),
     }
     // The big buffers are cached now; give them back so later checks start lean.
     gpu.trim_cache();
