@@ -617,12 +617,12 @@ fn product(
             }
             Ok(())
         }
-        (DevData::BF16(a), DevData::BF16(b), o @ DevData::BF16(_)) => match bias {
+        (DevData::BF16(a), DevData::BF16(b), DevData::BF16(o)) => match bias {
             None => {
                 if p.k == 0 {
-                    return be.fill(o, count, 0.0);
+                    let (nn, zero) = (count as i64, 0.0f32);
+                    return launch!(be, "fill" @ Float::BF16, count; o, &nn, &zero);
                 }
-                let DevData::BF16(o) = o else { unreachable!() };
                 be.gemm(name, p, Elem::BF16, a, b, Elem::BF16, o)
             }
             Some(bias) => {
