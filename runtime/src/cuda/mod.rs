@@ -182,6 +182,38 @@ impl CudaTensor {
         &mut self.data
     }
 
+    /// The f32 buffer of a tensor held in f32 storage (f32 and f16 dtypes); an error names
+    /// the tensor otherwise. For code that works on f32 only (optimiser state, masters).
+    pub fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>, KernelError> {
+        match &*self.data {
+            DevData::F32(s) => Ok(s),
+            _ => Err(KernelError::new(
+                op,
+                format!("expects a tensor held as f32, got {}", self.ty),
+            )),
+        }
+    }
+
+    pub fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>, KernelError> {
+        match &mut *self.data {
+            DevData::F32(s) => Ok(s),
+            _ => Err(KernelError::new(
+                op,
+                format!("expects a tensor held as f32, got {}", self.ty),
+            )),
+        }
+    }
+
+    pub fn i32(&self, op: &'static str) -> Result<&CudaSlice<i32>, KernelError> {
+        match &*self.data {
+            DevData::I32(s) => Ok(s),
+            _ => Err(KernelError::new(
+                op,
+                format!("expects an integer tensor, got {}", self.ty),
+            )),
+        }
+    }
+
     /// Bytes this tensor's buffer holds on the device.
     pub fn device_bytes(&self) -> usize {
         match &*self.data {
