@@ -6,17 +6,39 @@
 #![cfg(feature = "cuda")]
 use qplc_ops::DType;
 use qplc_runtime::cuda::check::{forward_check, lora_step_check, op_checks, table};
-use qplc_runtime::cuda::{compile_kernels, CudaBackend};
+use qplc_runtime::cuda::{compile_kernels, CudaBackend, Float};
 use std::path::Path;
 
 #[test]
-fn kernels_compile_with_nvrtc_for_hopper() {
-    match compile_kernels("sm_90") {
-        Ok(ptx) => assert!(ptx.to_src().contains(".entry attention_f32")),
-        Err(e) if e.message.contains("could not be loaded") => {
-            eprintln!("SKIPPED: libnvrtc not found ({e})")
+fn kernels_compile_with_nvrtc_for_hopper_in_both_storage_builds() {
+    for (float, entries) in [
+        (
+            Float::F32,
+            &["attention_f32", "round_storage", "binary_i32"][..],
+        ),
+        (
+            Float::BF16,
+            &[
+                "attention_bf16",
+                "row_lse_bf16",
+                "dropout_bf16",
+                "narrow_bf16",
+            ][..],
+        ),
+    ] {
+        match compile_kernels("sm_90", float) {
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                for e in entries {
+                    assert!(src.contains(&format!(".entry {e}(")), "{float:?}: no {e}");
+                }
+            }
+            Err(e) if e.message.contains("could not be loaded") => {
+                eprintln!("SKIPPED: libnvrtc not found ({e})");
+                return;
+            }
+            Err(e) => panic!("{e}"),
         }
-        Err(e) => panic!("{e}"),
     }
 }
 

@@ -138,6 +138,12 @@ fn case(name: impl Into<String>, op: Op, inputs: Vec<HostTensor>) -> Case {
     }
 }
 
+/// Cases whose result must be bit-identical on both backends (tolerance 0): dropout masks
+/// come from the same counter hash, so a single differing mask bit fails.
+fn exact(c: &Case) -> bool {
+    matches!(c.op, Op::Dropout { .. })
+}
+
 fn rope(rotary_dim: usize, interleaved: bool, scaling: RopeScaling) -> Rope {
     Rope {
         theta: 10_000.0,
@@ -513,13 +519,137 @@ fn cases(g: &mut Gen) -> Vec<Case> {
         Op::LayerNormWeightGrad { eps: 1e-5 },
         vec![g.f(&[7, 12], -2.0, 2.0), g.f(&[7, 12], -1.0, 1.0)],
     ));
+    let key = |active: bool| {
+        let w = qplc_ops::dropout::key_words(0x8000_0000_dead_beef, active);
+        HostTensor::i32([3], w.to_vec())
+    };
+    for (p, active) in [(0.3, true), (0.9, true), (0.3, false)] {
+        v.push(case(
+            format!("dropout p={p} active={active}"),
+            Op::Dropout { p, salt: 12345 },
+            vec![g.f(&[37, 129], -2.0, 2.0), key(active)],
+        ));
+    }
+    let mut labels = g.i(&[7], 0, 13);
+    if let Data::I32(l) = &mut labels.data {
+        l[1] = -100;
+    }
+    v.push(case(
+        "nll",
+        Op::Nll,
+        vec![g.f(&[7, 13], -6.0, 0.0), labels.clone()],
+    ));
+    v.push(case(
+        "nll backward",
+        Op::NllBackward,
+        vec![
+            g.f(&[7, 13], -6.0, 0.0),
+            labels,
+            HostTensor::f32(Shape::scalar(), vec![1.25]),
+        ],
+    ));
+    // A row wider than a block's stride many times over, odd width.
+    let mut labels = g.i(&[5], 0, 70_001);
+    if let Data::I32(l) = &mut labels.data {
+        l[3] = -100;
+    }
+    v.push(case(
+        "cross_entropy V=70001",
+        Op::CrossEntropy,
+        vec![g.f(&[5, 70_001], -8.0, 8.0), labels.clone()],
+    ));
+    v.push(case(
+        "cross_entropy backward V=70001",
+        Op::CrossEntropyBackward,
+        vec![
+            g.f(&[5, 70_001], -8.0, 8.0),
+            labels,
+            HostTensor::f32(Shape::scalar(), vec![1.0]),
+        ],
+    ));
+    // Products with sizes off the tensor cores' tiles.
+    v.push(case(
+        "linear [67,200]·[131,200]ᵀ+bias",
+        Op::Linear,
+        vec![
+            g.f(&[67, 200], -1.0, 1.0),
+            g.f(&[131, 200], -1.0, 1.0),
+            g.f(&[131], -1.0, 1.0),
+        ],
+    ));
+    v.push(case(
+        "matmul batched [5,33,70]·[5,70,41]",
+        Op::MatMul {
+            ta: false,
+            tb: false,
+        },
+        vec![g.f(&[5, 33, 70], -1.0, 1.0), g.f(&[5, 70, 41], -1.0, 1.0)],
+    ));
+    // Mixed storage kinds (run once, as given): bf16 activations with f32 parameters, which
+    // `Op::infer` allows, run on widened operands.
+    v.push(case(
+        "mixed linear x bf16 · w f32",
+        Op::Linear,
+        vec![
+            g.f(&[7, 12], -1.0, 1.0).cast(DType::BF16),
+            g.f(&[9, 12], -1.0, 1.0),
+        ],
+    ));
+    v.push(case(
+        "mixed rms_norm x bf16, w f32",
+        Op::RmsNorm {
+            eps: 1e-6,
+            offset: 0.0,
+        },
+        vec![
+            g.f(&[7, 12], -2.0, 2.0).cast(DType::BF16),
+            g.f(&[12], 0.5, 1.5),
+        ],
+    ));
+    v.push(case(
+        "mixed cross_entropy backward z bf16, g bf16",
+        Op::CrossEntropyBackward,
+        vec![
+            g.f(&[7, 13], -4.0, 4.0).cast(DType::BF16),
+            g.i(&[7], 0, 13),
+            HostTensor::f32(Shape::scalar(), vec![0.5]).cast(DType::BF16),
+        ],
+    ));
+    v.push(case(
+        "embedding backward bf16 repeated ids",
+        Op::EmbeddingBackward { vocab: 6 },
+        vec![g.i(&[40], 0, 3), g.f(&[40, 6], -1.0, 1.0).cast(DType::BF16)],
+    ));
+    for (from, to) in [
+        (DType::BF16, DType::F32),
+        (DType::F32, DType::F16),
+        (DType::BF16, DType::F16),
+        (DType::F16, DType::BF16),
+        (DType::BF16, DType::I32),
+        (DType::I32, DType::BF16),
+    ] {
+        let x = if from == DType::I32 {
+            g.i(&[7, 12], -300, 300)
+        } else {
+            g.f(&[7, 12], -300.0, 300.0).cast(from)
+        };
+        v.push(case(
+            format!("cast {}→{}", from.name(), to.name()),
+            Op::Cast { to },
+            vec![x],
+        ));
+    }
     v
 }
 
 /// The same case with its float operands (and a Fill's type) in `dtype`, values rounded.
 fn in_dtype(c: &Case, dtype: DType) -> Option<Case> {
     // Casts name their own target; the loss gradient and labels stay as they are.
-    if matches!(c.op, Op::Cast { .. }) {
+    if matches!(c.op, Op::Cast { .. })
+        || c.inputs
+            .iter()
+            .any(|t| t.ty.dtype.is_float() && t.ty.dtype != DType::F32)
+    {
         return None;
     }
     let op = match &c.op {
@@ -529,7 +659,7 @@ fn in_dtype(c: &Case, dtype: DType) -> Option<Case> {
         },
         op => op.clone(),
     };
-    let keep_f32 = matches!(c.op, Op::CrossEntropyBackward);
+    let keep_f32 = matches!(c.op, Op::CrossEntropyBackward | Op::NllBackward);
     let inputs: Vec<HostTensor> = c
         .inputs
         .iter()
@@ -592,13 +722,19 @@ pub fn op_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let mut g = Gen(Pcg32::new(seed, 7));
     let mut rows = Vec::new();
     for c in cases(&mut g) {
-        rows.push(run_case(gpu, &c, F32_TOL));
+        let tol = |t: f64| if exact(&c) { 0.0 } else { t };
+        let mut r = run_case(gpu, &c, tol(F32_TOL));
+        if let Some(t) = c.inputs.iter().find(|t| t.ty.dtype.is_float()) {
+            r.dtype = t.ty.dtype;
+        }
+        rows.push(r);
         if let Some(b) = in_dtype(&c, DType::BF16) {
-            let mut r = run_case(gpu, &b, BF16_TOL);
+            let mut r = run_case(gpu, &b, tol(BF16_TOL));
             r.dtype = DType::BF16;
             rows.push(r);
         }
     }
+    rows.extend(super::check_large::large_checks(gpu, seed));
     rows
 }
 
@@ -734,12 +870,31 @@ pub fn lora_step_check(
     let want = prog.run(&cpu, &|n| weights.get(n), &|n| inputs.get(n))?;
     let gw = upload_all(gpu, &weights)?;
     let got = prog.run(gpu, &|n| gw.get(n), &|n| inputs.get(n))?;
+    // A second identical step: the caching allocator must serve it without one device
+    // allocation, and reused (re-poisoned) buffers must give the same loss bit for bit.
+    let mallocs = gpu.device_allocations();
+    gpu.reset_peak();
+    let again = prog.run(gpu, &|n| gw.get(n), &|n| inputs.get(n))?;
+    let grew = gpu.device_allocations() - mallocs;
+    let mut reuse = compare(
+        &format!(
+            "2nd step: {grew} cudaMalloc, peak {:.2} MiB",
+            gpu.peak_bytes_in_use() as f64 / (1 << 20) as f64
+        ),
+        &got.outputs["loss"],
+        &again.outputs["loss"],
+        0.0,
+    );
+    reuse.dtype = dtype;
+    if grew > 0 {
+        reuse.failure = format!("{grew} device allocations in a step after the first");
+    }
     let tol = if dtype == DType::F32 {
         F32_TOL
     } else {
         BF16_TOL
     };
-    let mut rows = Vec::new();
+    let mut rows = vec![reuse];
     let mut loss = compare(
         "lora step loss",
         &want.outputs["loss"],

@@ -1,16 +1,27 @@
 //! `Backend::execute` for CUDA: checks the operands against `Op::infer` (as the CPU backend
-//! does), launches the op's kernels or cuBLAS call, and rounds bf16/f16 results once.
+//! does), launches the op's kernels (the build of the operands' storage kind) or cuBLAS
+//! call, and rounds f16 results (held as f32) once.
+//!
+//! Ops whose float operands come in different storage kinds (a bf16 activation with an f32
+//! weight, which `Op::infer` allows for some ops) run on f32 copies of the bf16 operands and
+//! round the result to the output's dtype once — the CPU backend's semantics, which reads
+//! every operand as f32 (`widened`).
 //!
 //! Values that decide whether an op is valid at all (token ids, positions, labels, integer
-//! divisors) are small integer tensors; they are copied to the host and checked there, so
-//! bad data gives the CPU backend's error message rather than a device fault.
-use super::launch::{launch, Strided};
-use super::{cuda_err, CudaBackend, CudaTensor, DevData};
+//! divisors, the dropout key) are small integer tensors; they are copied to the host and
+//! checked there, so bad data gives the CPU backend's error message rather than a device
+//! fault.
+use super::gemm::{Elem, Product};
+use super::launch::{launch, rows as row_blocks, Strided};
+use super::{cuda_err, CudaBackend, CudaTensor, DevData, Float};
 use crate::backend::KernelError;
-use cudarc::cublas::sys::cublasOperation_t;
-use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use qplc_ops::{BinaryOp, DType, Op, ReduceOp, Rope, TensorType, UnaryOp};
+
+/// Threads per block of the row-per-block log-sum-exp (`LSE_THREADS` in kernels.cu).
+const LSE_THREADS: u32 = 512;
+/// Threads per block of the row-per-block norms (`NORM_THREADS` in kernels.cu).
+const NORM_THREADS: u32 = 256;
 
 /// `qplc_ops::UnaryOp` → the op code of `unary_fn` in kernels.cu.
 fn unary_code(u: UnaryOp) -> i32 {
@@ -45,6 +56,31 @@ fn binary_code(b: BinaryOp) -> i32 {
 /// PyTorch's `ignore_index`.
 const IGNORE: i32 = -100;
 
+/// Whether operand `i` of `op` is a float read by every kernel as f32 whatever the rest's
+/// storage (the loss gradient scalar), and so takes no part in choosing the kernel build.
+fn scalar_slot(op: &Op, i: usize) -> bool {
+    matches!(op, Op::CrossEntropyBackward | Op::NllBackward) && i == 2
+}
+
+/// Whether the output is an f32 scalar written as f32 by every build (the losses).
+fn scalar_out(op: &Op) -> bool {
+    matches!(op, Op::CrossEntropy | Op::Nll)
+}
+
+/// The float storage kinds the op's kernels would have to read and write together.
+fn storages(op: &Op, operands: &[&CudaTensor], out: &CudaTensor) -> Vec<Float> {
+    let mut v: Vec<Float> = operands
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !scalar_slot(op, *i))
+        .filter_map(|(_, t)| t.data().float())
+        .collect();
+    if !scalar_out(op) {
+        v.extend(out.data().float());
+    }
+    v
+}
+
 pub(crate) fn execute(
     be: &CudaBackend,
     op: &Op,
@@ -62,6 +98,11 @@ pub(crate) fn execute(
             format!("output buffer is {} but the op produces {ty}", out.ty),
         ));
     }
+    let kinds = storages(op, operands, out);
+    let f = kinds.first().copied().unwrap_or(Float::F32);
+    if !matches!(op, Op::Cast { .. }) && kinds.iter().any(|&k| k != f) {
+        return widened(be, op, operands, out);
+    }
     let n = out.ty.shape.numel();
     let nn = n as i64;
     let mut moves_data_only = false;
@@ -72,41 +113,29 @@ pub(crate) fn execute(
                 format!("`{v}` is bound by the executor, not computed"),
             ))
         }
-        // Added to the op vocabulary after this backend's first step; the fuse pass removes
-        // Nll/NllBackward from compiled plans, and dropout needs its counter-hash kernel here.
-        Op::Nll | Op::NllBackward | Op::Dropout { .. } => {
-            return Err(KernelError::new(
-                name,
-                "not implemented on the CUDA backend yet (issue 6); use --backend cpu",
-            ))
-        }
-        Op::Fill { value, .. } => match &mut out.data {
-            DevData::F32(s) => be.fill_f32(s, n, *value as f32)?,
+        Op::Fill { value, .. } => match out.data_mut() {
             DevData::I32(s) => be.fill_i32(s, n, *value as i32)?,
+            d => be.fill(d, n, *value as f32)?,
         },
         Op::Linear => {
-            let x = operands[0];
-            let w = operands[1];
+            let (x, w) = (operands[0], operands[1]);
             let (rows, k) = (x.ty.shape.rows(), x.ty.shape.last());
             let nout = w.ty.shape.dims()[0];
             // out[rows, n] = x · wᵀ: matmul with `b = w` transposed.
-            gemm(
-                be,
-                name,
-                (false, true),
-                (rows, k, nout),
-                (k, k),
-                1,
-                (0, 0),
-                x.f32(name)?,
-                w.f32(name)?,
-                out.f32_mut(name)?,
-            )?;
-            if let Some(b) = operands.get(2) {
-                let (r, c) = (rows as i64, nout as i64);
-                let o = out.f32_mut(name)?;
-                launch!(be, "bias_rows_f32", n; o, b.f32(name)?, &r, &c)?;
-            }
+            let p = Product {
+                ta: false,
+                tb: true,
+                m: rows,
+                k,
+                n: nout,
+                lda: k,
+                ldb: k,
+                batch: 1,
+                stride_a: 0,
+                stride_b: 0,
+            };
+            let bias = operands.get(2).map(|b| b.data());
+            product(be, name, &p, x.data(), w.data(), bias, out.data_mut())?;
         }
         Op::MatMul { ta, tb } => {
             let (a, b) = (operands[0], operands[1]);
@@ -116,63 +145,55 @@ pub(crate) fn execute(
             let (ar, ac) = (ad[r - 2], ad[r - 1]);
             let (br, bc) = (bd[r - 2], bd[r - 1]);
             let (m, k) = if *ta { (ac, ar) } else { (ar, ac) };
-            let nn_ = if *tb { br } else { bc };
-            let batch: usize = ad[..r - 2].iter().product();
-            gemm(
-                be,
-                name,
-                (*ta, *tb),
-                (m, k, nn_),
-                (ac, bc),
-                batch,
-                (ar * ac, br * bc),
-                a.f32(name)?,
-                b.f32(name)?,
-                out.f32_mut(name)?,
-            )?;
+            let p = Product {
+                ta: *ta,
+                tb: *tb,
+                m,
+                k,
+                n: if *tb { br } else { bc },
+                lda: ac,
+                ldb: bc,
+                batch: ad[..r - 2].iter().product(),
+                stride_a: ar * ac,
+                stride_b: br * bc,
+            };
+            product(be, name, &p, a.data(), b.data(), None, out.data_mut())?;
         }
         Op::Embedding => {
             let (ids, table) = (operands[0], operands[1]);
             let (v, h) = (table.ty.shape.dims()[0], table.ty.shape.dims()[1]);
             check_ids(be, name, ids, v)?;
             let (t, hh) = (ids.ty.shape.numel() as i64, h as i64);
-            let o = out.f32_mut(name)?;
-            launch!(be, "embedding_f32", n; ids.i32(name)?, table.f32(name)?, o, &t, &hh)?;
+            let ids = ints(name, ids)?;
+            launch!(be, "embedding" @ f, n; ids, table.data(), out.data_mut(), &t, &hh)?;
         }
         Op::RmsNorm { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            let o = out.f32_mut(name)?;
-            launch!(be, "rms_norm_f32", rows as usize;
-                operands[0].f32(name)?, operands[1].f32(name)?, o, &rows, &h, &eps, &offset)?;
+            launch!(be, "rms_norm" @ f, row_blocks(rows as usize, NORM_THREADS);
+                operands[0].data(), operands[1].data(), out.data_mut(), &rows, &h, &eps, &offset)?;
         }
         Op::LayerNorm { eps } => {
             let (rows, h) = rows_h(operands[0]);
-            let w = operands[1].f32(name)?;
+            let w = operands[1].data();
             let (b, has_b) = match operands.get(2) {
-                Some(b) => (b.f32(name)?, 1i32),
+                Some(b) => (b.data(), 1i32),
                 None => (w, 0i32),
             };
-            let o = out.f32_mut(name)?;
-            launch!(be, "layer_norm_f32", rows as usize;
-                operands[0].f32(name)?, w, b, &has_b, o, &rows, &h, eps)?;
+            launch!(be, "layer_norm" @ f, row_blocks(rows as usize, NORM_THREADS);
+                operands[0].data(), w, b, &has_b, out.data_mut(), &rows, &h, eps)?;
         }
-        Op::Rope(rope) => rotate(be, name, rope, operands[0], operands[1], out, 1.0)?,
-        Op::RopeBackward(rope) => rotate(be, name, rope, operands[0], operands[1], out, -1.0)?,
+        Op::Rope(rope) => rotate(be, name, f, rope, operands[0], operands[1], out, 1.0)?,
+        Op::RopeBackward(rope) => rotate(be, name, f, rope, operands[0], operands[1], out, -1.0)?,
         Op::Attention {
             scale,
             sliding_window,
             softcap,
         } => {
             let a = AttnArgs::new(operands, *scale, *sliding_window, *softcap);
-            let o = out.f32_mut(name)?;
-            let (q, k, v) = (
-                operands[0].f32(name)?,
-                operands[1].f32(name)?,
-                operands[2].f32(name)?,
-            );
-            launch!(be, "attention_f32", (a.t * a.nh * a.d) as usize;
-                q, k, v, o, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
+            let (q, k, v) = (operands[0].data(), operands[1].data(), operands[2].data());
+            launch!(be, "attention" @ f, (a.t * a.nh * a.d) as usize;
+                q, k, v, out.data_mut(), &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
         }
         Op::AttentionBackward {
             scale,
@@ -181,43 +202,40 @@ pub(crate) fn execute(
         } => {
             let a = AttnArgs::new(operands, *scale, *sliding_window, *softcap);
             let (q, k, v, g) = (
-                operands[0].f32(name)?,
-                operands[1].f32(name)?,
-                operands[2].f32(name)?,
-                operands[3].f32(name)?,
+                operands[0].data(),
+                operands[1].data(),
+                operands[2].data(),
+                operands[3].data(),
             );
             let rows = (a.t * a.nh) as usize;
-            let mut stats = be.raw::<f32>(rows * 3)?;
-            launch!(be, "attention_stats_f32", rows;
-                q, k, v, g, &mut stats, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
-            let o = out.f32_mut(name)?;
-            launch!(be, "attention_dq_f32", rows * a.d as usize;
-                q, k, v, g, &stats, &mut *o, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
-            launch!(be, "attention_dkv_f32", (a.t * a.nkv * a.d) as usize;
-                q, k, v, g, &stats, o, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
+            let mut stats = be.scratch::<f32>(rows * 3)?;
+            let stats: &mut CudaSlice<f32> = &mut stats;
+            launch!(be, "attention_stats" @ f, rows;
+                q, k, v, g, &mut *stats, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
+            let stats: &CudaSlice<f32> = stats;
+            let o = out.data_mut();
+            launch!(be, "attention_dq" @ f, rows * a.d as usize;
+                q, k, v, g, stats, &mut *o, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
+            launch!(be, "attention_dkv" @ f, (a.t * a.nkv * a.d) as usize;
+                q, k, v, g, stats, o, &a.t, &a.nh, &a.nkv, &a.d, &a.scale, &a.window, &a.cap)?;
         }
         Op::Unary(u) => {
             let code = unary_code(*u);
-            let o = out.f32_mut(name)?;
-            launch!(be, "unary_f32", n; operands[0].f32(name)?, o, &nn, &code)?;
+            launch!(be, "unary" @ f, n; operands[0].data(), out.data_mut(), &nn, &code)?;
         }
         Op::UnaryBackward(u) => {
             let code = unary_code(*u);
-            let o = out.f32_mut(name)?;
-            launch!(be, "unary_backward_f32", n;
-                operands[0].f32(name)?, operands[1].f32(name)?, o, &nn, &code)?;
+            launch!(be, "unary_backward" @ f, n;
+                operands[0].data(), operands[1].data(), out.data_mut(), &nn, &code)?;
         }
-        Op::Scale { factor } => scalar_map(be, name, operands[0], out, 0, *factor as f32)?,
-        Op::AddScalar { value } => scalar_map(be, name, operands[0], out, 1, *value as f32)?,
-        Op::Softcap { cap } => scalar_map(be, name, operands[0], out, 2, *cap as f32)?,
+        Op::Scale { factor } => scalar_map(be, f, operands[0], out, 0, *factor as f32)?,
+        Op::AddScalar { value } => scalar_map(be, f, operands[0], out, 1, *value as f32)?,
+        Op::Softcap { cap } => scalar_map(be, f, operands[0], out, 2, *cap as f32)?,
         Op::Binary(b) => {
             let (x, y) = (operands[0], operands[1]);
             let s = Strided::broadcast(name, &x.ty.shape, &y.ty.shape, &out.ty.shape)?;
             let code = binary_code(*b);
-            match (&x.data, &y.data, &mut out.data) {
-                (DevData::F32(a), DevData::F32(bb), DevData::F32(o)) => {
-                    launch!(be, "binary_f32", n; a, bb, o, &nn, &s, &code)?
-                }
+            match (x.data(), y.data(), out.data_mut()) {
                 (DevData::I32(a), DevData::I32(bb), DevData::I32(o)) => {
                     if *b == BinaryOp::Div {
                         let host = be.stream.clone_dtoh(&bb.slice(..y.ty.shape.numel()));
@@ -228,28 +246,27 @@ pub(crate) fn execute(
                     }
                     launch!(be, "binary_i32", n; a, bb, o, &nn, &s, &code)?
                 }
-                _ => {
+                (DevData::I32(_), _, _) | (_, DevData::I32(_), _) | (_, _, DevData::I32(_)) => {
                     return Err(KernelError::new(
                         "binary",
                         "operands and output must all be float or all be integer",
                     ))
                 }
+                (a, bb, o) => launch!(be, "binary" @ f, n; a, bb, o, &nn, &s, &code)?,
             }
         }
         Op::BinaryBackward { op: b, wrt } => {
             let (x, y) = (operands[0], operands[1]);
             let s = Strided::broadcast(name, &x.ty.shape, &y.ty.shape, &out.ty.shape)?;
             let (code, wrt) = (binary_code(*b), *wrt as i32);
-            let o = out.f32_mut(name)?;
-            launch!(be, "binary_backward_f32", n;
-                x.f32(name)?, y.f32(name)?, operands[2].f32(name)?, o, &nn, &s, &code, &wrt)?;
+            launch!(be, "binary_backward" @ f, n;
+                x.data(), y.data(), operands[2].data(), out.data_mut(), &nn, &s, &code, &wrt)?;
         }
         Op::Softmax | Op::LogSoftmax => {
             let (rows, h) = rows_h(operands[0]);
             let log = matches!(op, Op::LogSoftmax) as i32;
-            let o = out.f32_mut(name)?;
-            launch!(be, "softmax_rows_f32", rows as usize;
-                operands[0].f32(name)?, o, &rows, &h, &log)?;
+            launch!(be, "softmax_rows" @ f, rows as usize;
+                operands[0].data(), out.data_mut(), &rows, &h, &log)?;
         }
         Op::Reduce { op: r, axis, .. } => {
             let dims = operands[0].ty.shape.dims();
@@ -268,8 +285,8 @@ pub(crate) fn execute(
                 ReduceOp::Max => 2,
             };
             let (o_, l_, i_) = (outer as i64, len as i64, inner as i64);
-            let o = out.f32_mut(name)?;
-            launch!(be, "reduce_f32", n; operands[0].f32(name)?, o, &o_, &l_, &i_, &code)?;
+            launch!(be, "reduce" @ f, n;
+                operands[0].data(), out.data_mut(), &o_, &l_, &i_, &code)?;
         }
         Op::Reshape { .. } => {
             moves_data_only = true;
@@ -280,11 +297,8 @@ pub(crate) fn execute(
             let in_strides = operands[0].ty.shape.strides();
             let st: Vec<usize> = perm.iter().map(|&p| in_strides[p]).collect();
             let s = Strided::new(name, out.ty.shape.dims(), &st, &st)?;
-            with_words(name, operands[0], out, |x, o| match (x, o) {
-                (Words::F(x), Words::FM(o)) => launch!(be, "gather_u32", n; x, o, &nn, &s),
-                (Words::I(x), Words::IM(o)) => launch!(be, "gather_u32", n; x, o, &nn, &s),
-                _ => unreachable!(),
-            })?;
+            let w = words(name, operands[0], out)?;
+            launch!(be, "gather" @ w, n; operands[0].data(), out.data_mut(), &nn, &s)?;
         }
         Op::Slice { axis, start, end } => {
             moves_data_only = true;
@@ -298,15 +312,9 @@ pub(crate) fn execute(
                 *start as i64,
                 ((end - start) * inner) as i64,
             );
-            with_words(name, operands[0], out, |x, o| match (x, o) {
-                (Words::F(x), Words::FM(o)) => {
-                    launch!(be, "slice_u32", n; x, o, &o_, &l_, &i_, &s_, &b_)
-                }
-                (Words::I(x), Words::IM(o)) => {
-                    launch!(be, "slice_u32", n; x, o, &o_, &l_, &i_, &s_, &b_)
-                }
-                _ => unreachable!(),
-            })?;
+            let w = words(name, operands[0], out)?;
+            launch!(be, "slice" @ w, n;
+                operands[0].data(), out.data_mut(), &o_, &l_, &i_, &s_, &b_)?;
         }
         Op::Concat { axis } => {
             moves_data_only = true;
@@ -319,40 +327,62 @@ pub(crate) fn execute(
                 let block = (x.ty.shape.dims()[*axis] * inner) as i64;
                 let o_ = outer as i64;
                 let cnt = x.ty.shape.numel();
-                with_words(name, x, out, |x, o| match (x, o) {
-                    (Words::F(x), Words::FM(o)) => {
-                        launch!(be, "place_u32", cnt; x, o, &o_, &block, &row, &offset)
-                    }
-                    (Words::I(x), Words::IM(o)) => {
-                        launch!(be, "place_u32", cnt; x, o, &o_, &block, &row, &offset)
-                    }
-                    _ => unreachable!(),
-                })?;
+                let w = words(name, x, out)?;
+                launch!(be, "place" @ w, cnt;
+                    x.data(), out.data_mut(), &o_, &block, &row, &offset)?;
                 offset += block;
             }
         }
-        Op::Cast { .. } => match (&operands[0].data, &mut out.data) {
-            (DevData::F32(_), DevData::F32(_)) | (DevData::I32(_), DevData::I32(_)) => {
-                copy(be, name, operands[0], out)?
-            }
-            (DevData::F32(x), DevData::I32(o)) => launch!(be, "cast_f32_i32", n; x, o, &nn)?,
-            (DevData::I32(x), DevData::F32(o)) => launch!(be, "cast_i32_f32", n; x, o, &nn)?,
-        },
+        Op::Cast { .. } => cast(be, name, operands[0], out)?,
         Op::CrossEntropy | Op::CrossEntropyBackward => {
             let (z, y) = (operands[0], operands[1]);
             let (rows, v) = (z.ty.shape.dims()[0], z.ty.shape.dims()[1]);
             let count = check_labels(be, name, y, v)? as i64;
-            let mut lse = be.raw::<f64>(rows)?;
+            let mut lse = be.scratch::<f64>(rows)?;
+            let lse: &mut CudaSlice<f64> = &mut lse;
             let (r_, v_) = (rows as i64, v as i64);
-            let (zs, ys) = (z.f32(name)?, y.i32(name)?);
-            launch!(be, "row_lse_f32", rows; zs, &mut lse, &r_, &v_)?;
-            let o = out.f32_mut(name)?;
+            let ys = ints(name, y)?;
+            launch!(be, "row_lse" @ f, row_blocks(rows, LSE_THREADS); z.data(), &mut *lse, &r_, &v_)?;
+            let lse: &CudaSlice<f64> = lse;
             if matches!(op, Op::CrossEntropy) {
-                launch!(be, "cross_entropy_f32", 1; zs, ys, &lse, o, &r_, &v_, &count)?;
+                launch!(be, "cross_entropy" @ f, 1usize;
+                    z.data(), ys, lse, out.data_mut(), &r_, &v_, &count)?;
             } else {
-                let g = operands[2].f32(name)?;
-                launch!(be, "cross_entropy_backward_f32", n;
-                    zs, ys, &lse, g, o, &r_, &v_, &count)?;
+                let g = f32_scalar(be, name, operands[2])?;
+                launch!(be, "cross_entropy_backward" @ f, n;
+                    z.data(), ys, lse, g.slice(), out.data_mut(), &r_, &v_, &count)?;
+            }
+        }
+        Op::Nll => {
+            let (lp, y) = (operands[0], operands[1]);
+            let (rows, v) = (lp.ty.shape.dims()[0], lp.ty.shape.dims()[1]);
+            let count = check_labels(be, name, y, v)? as i64;
+            let (r_, v_) = (rows as i64, v as i64);
+            launch!(be, "nll" @ f, 1usize;
+                lp.data(), ints(name, y)?, out.data_mut(), &r_, &v_, &count)?;
+        }
+        Op::NllBackward => {
+            let (lp, y) = (operands[0], operands[1]);
+            let (rows, v) = (lp.ty.shape.dims()[0], lp.ty.shape.dims()[1]);
+            let count = check_labels(be, name, y, v)? as i64;
+            let (r_, v_) = (rows as i64, v as i64);
+            let g = f32_scalar(be, name, operands[2])?;
+            launch!(be, "nll_backward" @ f, n;
+                ints(name, y)?, g.slice(), out.data_mut(), &r_, &v_, &count)?;
+        }
+        Op::Dropout { p, salt } => {
+            let key = host_ints(be, name, operands[1])?;
+            let words: [i32; 3] = key
+                .try_into()
+                .map_err(|_| KernelError::new(name, "the key must be i32 [3]"))?;
+            let (seed, active) = qplc_ops::dropout::from_key_words(words);
+            if !active || *p == 0.0 {
+                copy(be, name, operands[0], out)?;
+            } else {
+                let stream = qplc_ops::dropout::stream(seed, *salt);
+                let scale = (1.0 / (1.0 - p)) as f32;
+                launch!(be, "dropout" @ f, n;
+                    operands[0].data(), out.data_mut(), &nn, &stream, p, &scale)?;
             }
         }
         Op::EmbeddingBackward { vocab } => {
@@ -360,50 +390,258 @@ pub(crate) fn execute(
             check_ids(be, name, ids, *vocab)?;
             let h = out.ty.shape.dims()[1];
             let (t, hh) = (ids.ty.shape.numel() as i64, h as i64);
-            let o = out.f32_mut(name)?;
-            be.fill_f32(o, n, 0.0)?;
-            launch!(be, "embedding_backward_f32", h; ids.i32(name)?, g.f32(name)?, o, &t, &hh)?;
+            let ids = ints(name, ids)?;
+            // Sums of repeated ids accumulate in f32 and are rounded once, as on the CPU.
+            match out.data_mut() {
+                DevData::F32(o) => {
+                    be.fill_f32(o, n, 0.0)?;
+                    launch!(be, "embedding_backward" @ f, h; ids, g.data(), o, &t, &hh)?;
+                }
+                o => {
+                    let mut acc = be.scratch::<f32>(n)?;
+                    let acc: &mut CudaSlice<f32> = &mut acc;
+                    be.fill_f32(acc, n, 0.0)?;
+                    launch!(be, "embedding_backward" @ f, h; ids, g.data(), &mut *acc, &t, &hh)?;
+                    let acc: &CudaSlice<f32> = acc;
+                    launch!(be, "narrow_bf16", n; acc, o, &nn)?;
+                }
+            }
         }
         Op::RmsNormBackward { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            let o = out.f32_mut(name)?;
-            launch!(be, "rms_norm_backward_f32", rows as usize;
-                operands[0].f32(name)?, operands[1].f32(name)?, operands[2].f32(name)?,
-                o, &rows, &h, &eps, &offset)?;
+            launch!(be, "rms_norm_backward" @ f, row_blocks(rows as usize, NORM_THREADS);
+                operands[0].data(), operands[1].data(), operands[2].data(),
+                out.data_mut(), &rows, &h, &eps, &offset)?;
         }
-        Op::RmsNormWeightGrad { eps } => {
-            let (rows, h) = rows_h(operands[0]);
-            let eps = *eps as f32;
-            let o = out.f32_mut(name)?;
-            launch!(be, "rms_norm_weight_grad_f32", h as usize;
-                operands[0].f32(name)?, operands[1].f32(name)?, o, &rows, &h, &eps)?;
-        }
+        Op::RmsNormWeightGrad { eps } => norm_weight_grad(be, f, operands, out, *eps, false)?,
         Op::LayerNormBackward { eps } => {
             let (rows, h) = rows_h(operands[0]);
-            let o = out.f32_mut(name)?;
-            launch!(be, "layer_norm_backward_f32", rows as usize;
-                operands[0].f32(name)?, operands[1].f32(name)?, operands[2].f32(name)?,
-                o, &rows, &h, eps)?;
+            launch!(be, "layer_norm_backward" @ f, row_blocks(rows as usize, NORM_THREADS);
+                operands[0].data(), operands[1].data(), operands[2].data(),
+                out.data_mut(), &rows, &h, eps)?;
         }
-        Op::LayerNormWeightGrad { eps } => {
-            let (rows, h) = rows_h(operands[0]);
-            let o = out.f32_mut(name)?;
-            launch!(be, "layer_norm_weight_grad_f32", h as usize;
-                operands[0].f32(name)?, operands[1].f32(name)?, o, &rows, &h, eps)?;
-        }
+        Op::LayerNormWeightGrad { eps } => norm_weight_grad(be, f, operands, out, *eps, true)?,
     }
-    // As the CPU backend: values computed in f32 are rounded to the storage dtype once.
+    // As the CPU backend: a bf16/f16 value computed in f32 and held as f32 is rounded to its
+    // dtype once (bf16 storage was rounded by the kernel's store).
     let mode = match out.ty.dtype {
         DType::BF16 => 1i32,
         DType::F16 => 2,
         _ => 0,
     };
-    if !moves_data_only && mode != 0 {
-        let o = out.f32_mut(name)?;
+    if let (false, true, DevData::F32(o)) = (moves_data_only, mode != 0, out.data_mut()) {
         launch!(be, "round_storage", n; o, &nn, &mode)?;
     }
     Ok(())
+}
+
+/// RMS / layer norm weight gradient: per-row statistics once (block per row), then one
+/// thread per column summing the rows in order.
+fn norm_weight_grad(
+    be: &CudaBackend,
+    f: Float,
+    operands: &[&CudaTensor],
+    out: &mut CudaTensor,
+    eps: f64,
+    layer: bool,
+) -> Result<(), KernelError> {
+    let (rows, h) = rows_h(operands[0]);
+    let (x, g) = (operands[0].data(), operands[1].data());
+    let mut stats = be.scratch::<f32>(2 * rows as usize)?;
+    let stats: &mut CudaSlice<f32> = &mut stats;
+    let layer_ = layer as i32;
+    launch!(be, "norm_row_stats" @ f, row_blocks(rows as usize, NORM_THREADS);
+        x, &mut *stats, &rows, &h, &eps, &layer_)?;
+    let stats: &CudaSlice<f32> = stats;
+    if layer {
+        launch!(be, "layer_norm_weight_grad" @ f, h as usize;
+            x, g, stats, out.data_mut(), &rows, &h)
+    } else {
+        launch!(be, "rms_norm_weight_grad" @ f, h as usize;
+            x, g, stats, out.data_mut(), &rows, &h)
+    }
+}
+
+/// Runs `op` on f32 copies of its bf16 operands (see the module doc) and rounds into `out`.
+fn widened(
+    be: &CudaBackend,
+    op: &Op,
+    operands: &[&CudaTensor],
+    out: &mut CudaTensor,
+) -> Result<(), KernelError> {
+    let wide: Vec<Option<CudaTensor>> = operands
+        .iter()
+        .map(|t| match t.data() {
+            DevData::BF16(_) => widen(be, t).map(Some),
+            _ => Ok(None),
+        })
+        .collect::<Result<_, _>>()?;
+    let refs: Vec<&CudaTensor> = operands
+        .iter()
+        .zip(&wide)
+        .map(|(t, w)| w.as_ref().unwrap_or(t))
+        .collect();
+    match out.data().float() {
+        Some(Float::BF16) => {
+            let mut tmp = be.alloc_in(&out.ty, Float::F32)?;
+            execute(be, op, &refs, &mut tmp)?;
+            let n = out.ty.shape.numel();
+            let nn = n as i64;
+            launch!(be, "narrow_bf16", n; tmp.data(), out.data_mut(), &nn)
+        }
+        _ => execute(be, op, &refs, out),
+    }
+}
+
+/// An f32-storage copy of a bf16 tensor (exact).
+fn widen(be: &CudaBackend, t: &CudaTensor) -> Result<CudaTensor, KernelError> {
+    let mut w = be.alloc_in(&t.ty, Float::F32)?;
+    let nn = t.ty.shape.numel() as i64;
+    launch!(be, "widen_bf16", t.ty.shape.numel(); t.data(), w.data_mut(), &nn)?;
+    Ok(w)
+}
+
+/// A float scalar operand (the loss gradient) in f32 storage: itself, or a widened copy.
+fn f32_scalar<'a>(
+    be: &CudaBackend,
+    name: &'static str,
+    t: &'a CudaTensor,
+) -> Result<ScalarRef<'a>, KernelError> {
+    match t.data() {
+        DevData::F32(_) => Ok(ScalarRef::Borrowed(t)),
+        DevData::BF16(_) => Ok(ScalarRef::Widened(widen(be, t)?)),
+        DevData::I32(_) => Err(KernelError::new(
+            name,
+            format!("the loss gradient must be a float scalar, got {}", t.ty),
+        )),
+    }
+}
+
+/// The loss-gradient scalar as an f32-storage tensor.
+enum ScalarRef<'a> {
+    Borrowed(&'a CudaTensor),
+    Widened(CudaTensor),
+}
+
+impl ScalarRef<'_> {
+    fn slice(&self) -> &DevData {
+        match self {
+            ScalarRef::Borrowed(t) => t.data(),
+            ScalarRef::Widened(t) => t.data(),
+        }
+    }
+}
+
+/// An integer operand's buffer.
+fn ints<'a>(name: &'static str, t: &'a CudaTensor) -> Result<&'a CudaSlice<i32>, KernelError> {
+    match t.data() {
+        DevData::I32(s) => Ok(s),
+        _ => Err(KernelError::new(
+            name,
+            format!("expects an integer tensor, got {}", t.ty),
+        )),
+    }
+}
+
+/// The kernel build whose words a data-movement op copies: 32-bit words (f32 and i32
+/// storage) in the f32 build, 16-bit words in the bf16 build.
+fn words(name: &'static str, x: &CudaTensor, out: &CudaTensor) -> Result<Float, KernelError> {
+    let w = |d: &DevData| d.float().unwrap_or(Float::F32);
+    let same = std::mem::discriminant(x.data()) == std::mem::discriminant(out.data());
+    if !same {
+        return Err(KernelError::new(
+            name,
+            format!(
+                "input {} and output {} are held in different storage",
+                x.ty, out.ty
+            ),
+        ));
+    }
+    Ok(w(x.data()))
+}
+
+/// `Cast`: between storage kinds, float ↔ integer, or a same-kind copy (rounded afterwards
+/// by `execute` where the target is f16 held as f32).
+fn cast(
+    be: &CudaBackend,
+    name: &'static str,
+    x: &CudaTensor,
+    out: &mut CudaTensor,
+) -> Result<(), KernelError> {
+    let n = out.ty.shape.numel();
+    let nn = n as i64;
+    match (x.data(), out.data_mut()) {
+        (DevData::F32(_), DevData::F32(_))
+        | (DevData::BF16(_), DevData::BF16(_))
+        | (DevData::I32(_), DevData::I32(_)) => copy(be, name, x, out),
+        (a @ DevData::BF16(_), o @ DevData::F32(_)) => launch!(be, "widen_bf16", n; a, o, &nn),
+        (a @ DevData::F32(_), o @ DevData::BF16(_)) => launch!(be, "narrow_bf16", n; a, o, &nn),
+        (DevData::I32(a), o) => {
+            let f = o.float().unwrap_or(Float::F32);
+            launch!(be, "cast_from_i32" @ f, n; a, o, &nn)
+        }
+        (a, DevData::I32(o)) => {
+            let f = a.float().unwrap_or(Float::F32);
+            launch!(be, "cast_to_i32" @ f, n; a, o, &nn)
+        }
+    }
+}
+
+/// A Linear / MatMul product with an optional bias, in the operands' storage kind: f32 as
+/// true f32 with the bias added in place; bf16 on the tensor cores, written as bf16, or with
+/// a bias as f32 then `acc + b` rounded once (the CPU's single rounding).
+fn product(
+    be: &CudaBackend,
+    name: &'static str,
+    p: &Product,
+    a: &DevData,
+    b: &DevData,
+    bias: Option<&DevData>,
+    out: &mut DevData,
+) -> Result<(), KernelError> {
+    let count = p.batch * p.m * p.n;
+    if count == 0 {
+        return Ok(());
+    }
+    let (rows, cols) = ((p.batch * p.m) as i64, p.n as i64);
+    match (a, b, out) {
+        (DevData::F32(a), DevData::F32(b), DevData::F32(o)) => {
+            if p.k == 0 {
+                be.fill_f32(o, count, 0.0)?;
+            } else {
+                be.gemm(name, p, Elem::F32, a, b, Elem::F32, o)?;
+            }
+            if let Some(bias) = bias {
+                launch!(be, "bias_inplace_f32", count; o, bias, &rows, &cols)?;
+            }
+            Ok(())
+        }
+        (DevData::BF16(a), DevData::BF16(b), DevData::BF16(o)) => match bias {
+            None => {
+                if p.k == 0 {
+                    let (nn, zero) = (count as i64, 0.0f32);
+                    return launch!(be, "fill" @ Float::BF16, count; o, &nn, &zero);
+                }
+                be.gemm(name, p, Elem::BF16, a, b, Elem::BF16, o)
+            }
+            Some(bias) => {
+                let mut acc = be.scratch::<f32>(count)?;
+                let acc: &mut CudaSlice<f32> = &mut acc;
+                if p.k == 0 {
+                    be.fill_f32(acc, count, 0.0)?;
+                } else {
+                    be.gemm(name, p, Elem::BF16, a, b, Elem::F32, acc)?;
+                }
+                let acc: &CudaSlice<f32> = acc;
+                launch!(be, "bias_rows" @ Float::BF16, count; acc, bias, o, &rows, &cols)
+            }
+        },
+        _ => Err(KernelError::new(
+            name,
+            "operands and output must be float tensors of one storage kind",
+        )),
+    }
 }
 
 /// `(rows, last)` of a tensor, as the kernels' `long long` arguments.
@@ -413,75 +651,9 @@ fn rows_h(x: &CudaTensor) -> (i64, i64) {
     (rows as i64, h as i64)
 }
 
-/// Row-major batched `c[m, n] = op(a)[m, k] · op(b)[k, n]` through cuBLAS (column-major):
-/// computes `cᵀ = op(b)ᵀ · op(a)ᵀ`, reading each row-major operand as its column-major
-/// transpose. `ld = (a's row length, b's row length)`, strides per batch `(a, b)`.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    be: &CudaBackend,
-    name: &'static str,
-    (ta, tb): (bool, bool),
-    (m, k, n): (usize, usize, usize),
-    (lda, ldb): (usize, usize),
-    batch: usize,
-    (sa, sb): (usize, usize),
-    a: &CudaSlice<f32>,
-    b: &CudaSlice<f32>,
-    c: &mut CudaSlice<f32>,
-) -> Result<(), KernelError> {
-    if m == 0 || n == 0 || batch == 0 {
-        return Ok(());
-    }
-    if k == 0 {
-        return be.fill_f32(c, batch * m * n, 0.0);
-    }
-    let op = |t: bool| {
-        if t {
-            cublasOperation_t::CUBLAS_OP_T
-        } else {
-            cublasOperation_t::CUBLAS_OP_N
-        }
-    };
-    let int = |v: usize| -> Result<i32, KernelError> {
-        i32::try_from(v).map_err(|_| KernelError::new(name, format!("dimension {v} exceeds i32")))
-    };
-    let cfg = GemmConfig {
-        transa: op(tb),
-        transb: op(ta),
-        m: int(n)?,
-        n: int(m)?,
-        k: int(k)?,
-        alpha: 1.0f32,
-        lda: int(ldb)?,
-        ldb: int(lda)?,
-        beta: 0.0f32,
-        ldc: int(n)?,
-    };
-    // SAFETY: the extents follow from the operands' shapes, which `Op::infer` has checked.
-    let r = unsafe {
-        if batch == 1 {
-            be.blas.gemm(cfg, b, a, c)
-        } else {
-            be.blas.gemm_strided_batched(
-                StridedBatchedConfig {
-                    gemm: cfg,
-                    batch_size: int(batch)?,
-                    stride_a: sb as i64,
-                    stride_b: sa as i64,
-                    stride_c: (m * n) as i64,
-                },
-                b,
-                a,
-                c,
-            )
-        }
-    };
-    r.map_err(|e| cuda_err(name, "cuBLAS sgemm", e))
-}
-
 fn scalar_map(
     be: &CudaBackend,
-    name: &'static str,
+    f: Float,
     x: &CudaTensor,
     out: &mut CudaTensor,
     kind: i32,
@@ -489,11 +661,10 @@ fn scalar_map(
 ) -> Result<(), KernelError> {
     let n = out.ty.shape.numel();
     let nn = n as i64;
-    let o = out.f32_mut(name)?;
-    launch!(be, "scalar_map_f32", n; x.f32(name)?, o, &nn, &kind, &c)
+    launch!(be, "scalar_map" @ f, n; x.data(), out.data_mut(), &nn, &kind, &c)
 }
 
-/// Device-to-device copy of all elements (reshape, same-kind cast).
+/// Device-to-device copy of all elements (reshape, same-kind cast, inactive dropout).
 fn copy(
     be: &CudaBackend,
     name: &'static str,
@@ -504,41 +675,18 @@ fn copy(
     if n == 0 {
         return Ok(());
     }
-    let r = match (&x.data, &mut out.data) {
+    let r = match (x.data(), out.data_mut()) {
         (DevData::F32(a), DevData::F32(o)) => be.stream.memcpy_dtod(&a.slice(..n), o),
+        (DevData::BF16(a), DevData::BF16(o)) => be.stream.memcpy_dtod(&a.slice(..n), o),
         (DevData::I32(a), DevData::I32(o)) => be.stream.memcpy_dtod(&a.slice(..n), o),
         _ => {
             return Err(KernelError::new(
                 name,
-                "input and output must both be float or both integer",
+                "input and output must be held in the same storage kind",
             ))
         }
     };
     r.map_err(|e| cuda_err(name, "device copy", e))
-}
-
-/// The two storage kinds of a data-movement op, borrowed for the kernel arguments.
-enum Words<'a> {
-    F(&'a CudaSlice<f32>),
-    I(&'a CudaSlice<i32>),
-    FM(&'a mut CudaSlice<f32>),
-    IM(&'a mut CudaSlice<i32>),
-}
-
-fn with_words(
-    name: &'static str,
-    x: &CudaTensor,
-    out: &mut CudaTensor,
-    f: impl FnOnce(Words, Words) -> Result<(), KernelError>,
-) -> Result<(), KernelError> {
-    match (&x.data, &mut out.data) {
-        (DevData::F32(a), DevData::F32(o)) => f(Words::F(a), Words::FM(o)),
-        (DevData::I32(a), DevData::I32(o)) => f(Words::I(a), Words::IM(o)),
-        _ => Err(KernelError::new(
-            name,
-            "input and output must both be float or both integer",
-        )),
-    }
 }
 
 /// An integer tensor copied to the host (small: ids, positions, labels).
@@ -552,7 +700,7 @@ fn host_ints(
         return Ok(Vec::new());
     }
     be.stream
-        .clone_dtoh(&t.i32(name)?.slice(..n))
+        .clone_dtoh(&ints(name, t)?.slice(..n))
         .map_err(|e| cuda_err(name, "download integers", e))
 }
 
@@ -609,9 +757,11 @@ fn check_labels(
     Ok(count)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn rotate(
     be: &CudaBackend,
     name: &'static str,
+    f: Float,
     rope: &Rope,
     x: &CudaTensor,
     pos: &CudaTensor,
@@ -629,18 +779,19 @@ fn rotate(
     let (t, heads, hd) = (dims[0] as i64, dims[1] as i64, dims[2] as i64);
     // The same f32 inverse frequencies as the CPU kernel (from f64 `Rope::inv_freq`).
     let inv_freq: Vec<f32> = rope.inv_freq().iter().map(|&f| f as f32).collect();
-    let mut freq = be.raw::<f32>(inv_freq.len())?;
+    let mut freq = be.scratch::<f32>(inv_freq.len())?;
+    let freq: &mut CudaSlice<f32> = &mut freq;
     if !inv_freq.is_empty() {
         be.stream
-            .memcpy_htod(inv_freq.as_slice(), &mut freq)
+            .memcpy_htod(inv_freq.as_slice(), &mut *freq)
             .map_err(|e| cuda_err(name, "upload inv_freq", e))?;
     }
     let half = (rope.rotary_dim / 2) as i64;
     let inter = rope.interleaved as i32;
     let n = out.ty.shape.numel();
-    let o = out.f32_mut(name)?;
-    launch!(be, "rope_f32", n;
-        x.f32(name)?, pos.i32(name)?, &freq, o, &t, &heads, &hd, &half, &inter, &sign)
+    let freq: &CudaSlice<f32> = freq;
+    launch!(be, "rope" @ f, n;
+        x.data(), ints(name, pos)?, freq, out.data_mut(), &t, &heads, &hd, &half, &inter, &sign)
 }
 
 /// Shapes and parameters of an attention op as kernel arguments.

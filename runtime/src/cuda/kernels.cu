@@ -1,14 +1,43 @@
-// Kernels of the CUDA backend (runtime/src/cuda), compiled once by NVRTC when the backend
-// starts. First working version: simple and correct (one thread per element, row or
-// column), with the same formulas and accumulation precision as the CPU reference
-// (runtime/src/cpu) so that the two agree within rounding; speed comes later (fused chains,
-// flash attention, notes/CUDA.md).
+// Kernels of the CUDA backend (runtime/src/cuda), compiled by NVRTC when the backend starts,
+// twice: once with STORAGE_BF16 = 0 (float storage, kernel names `*_f32`) and once with
+// STORAGE_BF16 = 1 (bf16 storage, 2 bytes an element, names `*_bf16`). One source keeps the
+// two storage kinds computing the same function: a kernel loads its storage type to float
+// (`ld`), computes in f32 (f64 where the CPU reference does) and stores with
+// round-to-nearest-even (`st`), which is exactly the rounding the CPU backend applies once
+// after each op. Scratch arrays (statistics, log-sum-exps, accumulators) stay float/double.
 //
-// Floats live on the device as f32 whatever their logical dtype, exactly as on the CPU
-// backend; `round_storage` rounds a bf16/f16 result once after each op.
+// Integer kernels and the f16 rounding pass exist in the float build only (f16 tensors are
+// held as f32 and rounded once after each op, as on the CPU).
 //
 // Every kernel uses a grid-stride loop over `long long` indices so that any launch size is
-// correct.
+// correct and element offsets never overflow 32 bits (logits [4096, 128256] have 5.3e8
+// elements, gradient tables [128256, 4096] as many).
+
+#ifndef STORAGE_BF16
+#define STORAGE_BF16 0
+#endif
+
+#if STORAGE_BF16
+// bf16 bits; no cuda_bf16.h so that NVRTC needs no include path.
+typedef unsigned short S;
+// Data movement copies storage words untouched.
+typedef unsigned short W;
+#define SFX(name) name##_bf16
+__device__ __forceinline__ float ld(S x) { return __uint_as_float(((unsigned int)x) << 16); }
+// Round to nearest even, as `half::bf16::from_f32` (NaN stays a quiet NaN).
+__device__ __forceinline__ S st(float x) {
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (S)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (S)(u >> 16);
+}
+#else
+typedef float S;
+typedef unsigned int W;
+#define SFX(name) name##_f32
+__device__ __forceinline__ float ld(S x) { return x; }
+__device__ __forceinline__ S st(float x) { return x; }
+#endif
 
 #define MAXR 8
 #define NEG_INF __int_as_float(0xff800000)
@@ -49,6 +78,10 @@ __device__ __forceinline__ float round_f16(float x) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
     asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(h));
     return r;
+}
+
+__device__ __forceinline__ bool visible(long long i, long long j, long long window) {
+    return j <= i && (window < 0 || i - j < window);
 }
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -130,37 +163,14 @@ __device__ __forceinline__ float binary_partial(int op, int wrt, float a, float 
 
 extern "C" {
 
-// mode 1: bf16, mode 2: f16.
+#if !STORAGE_BF16
+// Float storage only. mode 1: bf16, mode 2: f16 (a bf16/f16 value held as f32, used when
+// an op mixes dtypes and runs on widened operands, and for every f16 result).
 __global__ void round_storage(float* x, long long n, int mode) {
     LOOP(i, n) { x[i] = mode == 1 ? round_bf16(x[i]) : round_f16(x[i]); }
 }
 
-__global__ void fill_f32(float* o, long long n, float v) { LOOP(i, n) o[i] = v; }
 __global__ void fill_i32(int* o, long long n, int v) { LOOP(i, n) o[i] = v; }
-
-__global__ void unary_f32(const float* x, float* o, long long n, int op) {
-    LOOP(i, n) o[i] = unary_fn(op, x[i]);
-}
-
-__global__ void unary_backward_f32(const float* x, const float* g, float* o, long long n, int op) {
-    LOOP(i, n) o[i] = g[i] * unary_deriv(op, x[i]);
-}
-
-// kind 0: x·c, 1: x + c, 2: c·tanh(x/c).
-__global__ void scalar_map_f32(const float* x, float* o, long long n, int kind, float c) {
-    LOOP(i, n) {
-        float v = x[i];
-        o[i] = kind == 0 ? v * c : (kind == 1 ? v + c : c * tanhf(v / c));
-    }
-}
-
-__global__ void binary_f32(const float* a, const float* b, float* o, long long n, Strided s, int op) {
-    LOOP(i, n) {
-        long long ia, ib;
-        offsets(s, i, &ia, &ib);
-        o[i] = binary_fn(op, a[ia], b[ib]);
-    }
-}
 
 // Integer arithmetic wraps (done in unsigned), division truncates; zero divisors are refused
 // on the host first.
@@ -182,18 +192,58 @@ __global__ void binary_i32(const int* a, const int* b, int* o, long long n, Stri
     }
 }
 
-__global__ void binary_backward_f32(const float* a, const float* b, const float* g, float* o, long long n,
-                                    Strided s, int op, int wrt) {
+// `o += b` per row, in place: the f32 product's bias (no rounding to do in f32 storage).
+__global__ void bias_inplace_f32(float* o, const float* b, long long rows, long long n) {
+    LOOP(i, rows * n) o[i] += b[i % n];
+}
+#else
+// Storage conversions between the two builds' kinds: bf16 → f32 is exact; f32 → bf16
+// rounds to nearest even.
+__global__ void widen_bf16(const S* x, float* o, long long n) { LOOP(i, n) o[i] = ld(x[i]); }
+__global__ void narrow_bf16(const float* x, S* o, long long n) { LOOP(i, n) o[i] = st(x[i]); }
+#endif
+
+__global__ void SFX(fill)(S* o, long long n, float v) {
+    S s = st(v);
+    LOOP(i, n) o[i] = s;
+}
+
+__global__ void SFX(unary)(const S* x, S* o, long long n, int op) {
+    LOOP(i, n) o[i] = st(unary_fn(op, ld(x[i])));
+}
+
+__global__ void SFX(unary_backward)(const S* x, const S* g, S* o, long long n, int op) {
+    LOOP(i, n) o[i] = st(ld(g[i]) * unary_deriv(op, ld(x[i])));
+}
+
+// kind 0: x·c, 1: x + c, 2: c·tanh(x/c).
+__global__ void SFX(scalar_map)(const S* x, S* o, long long n, int kind, float c) {
     LOOP(i, n) {
-        long long ia, ib;
-        offsets(s, i, &ia, &ib);
-        o[i] = binary_partial(op, wrt, a[ia], b[ib]) * g[i];
+        float v = ld(x[i]);
+        o[i] = st(kind == 0 ? v * c : (kind == 1 ? v + c : c * tanhf(v / c)));
     }
 }
 
-// Data movement on 32-bit words (f32 and i32 alike). `s.sa` holds the input stride of each
-// output axis.
-__global__ void gather_u32(const unsigned int* x, unsigned int* o, long long n, Strided s) {
+__global__ void SFX(binary)(const S* a, const S* b, S* o, long long n, Strided s, int op) {
+    LOOP(i, n) {
+        long long ia, ib;
+        offsets(s, i, &ia, &ib);
+        o[i] = st(binary_fn(op, ld(a[ia]), ld(b[ib])));
+    }
+}
+
+__global__ void SFX(binary_backward)(const S* a, const S* b, const S* g, S* o, long long n, Strided s, int op,
+                                     int wrt) {
+    LOOP(i, n) {
+        long long ia, ib;
+        offsets(s, i, &ia, &ib);
+        o[i] = st(binary_partial(op, wrt, ld(a[ia]), ld(b[ib])) * ld(g[i]));
+    }
+}
+
+// Data movement on storage words (the float build's 32-bit words also move i32 tensors).
+// `s.sa` holds the input stride of each output axis.
+__global__ void SFX(gather)(const W* x, W* o, long long n, Strided s) {
     LOOP(i, n) {
         long long ia, ib;
         offsets(s, i, &ia, &ib);
@@ -202,8 +252,7 @@ __global__ void gather_u32(const unsigned int* x, unsigned int* o, long long n, 
 }
 
 // o viewed as [outer, row]; x as [outer, block] is placed at column `offset` of each row.
-__global__ void place_u32(const unsigned int* x, unsigned int* o, long long outer, long long block, long long row,
-                          long long offset) {
+__global__ void SFX(place)(const W* x, W* o, long long outer, long long block, long long row, long long offset) {
     LOOP(i, outer * block) {
         long long r = i / block, c = i % block;
         o[r * row + offset + c] = x[i];
@@ -211,8 +260,8 @@ __global__ void place_u32(const unsigned int* x, unsigned int* o, long long oute
 }
 
 // x viewed as [outer, len·inner]; rows start..start+block/inner of the middle axis.
-__global__ void slice_u32(const unsigned int* x, unsigned int* o, long long outer, long long len, long long inner,
-                          long long start, long long block) {
+__global__ void SFX(slice)(const W* x, W* o, long long outer, long long len, long long inner, long long start,
+                           long long block) {
     LOOP(i, outer * block) {
         long long r = i / block, c = i % block;
         o[i] = x[(r * len + start) * inner + c];
@@ -220,9 +269,9 @@ __global__ void slice_u32(const unsigned int* x, unsigned int* o, long long oute
 }
 
 // Float → integer truncates toward zero and saturates, NaN → 0 (Rust `as i32`).
-__global__ void cast_f32_i32(const float* x, int* o, long long n) {
+__global__ void SFX(cast_to_i32)(const S* x, int* o, long long n) {
     LOOP(i, n) {
-        float v = x[i];
+        float v = ld(x[i]);
         int r;
         if (v != v) r = 0;
         else if (v >= 2147483648.0f) r = 2147483647;
@@ -232,13 +281,14 @@ __global__ void cast_f32_i32(const float* x, int* o, long long n) {
     }
 }
 
-__global__ void cast_i32_f32(const int* x, float* o, long long n) { LOOP(i, n) o[i] = (float)x[i]; }
+__global__ void SFX(cast_from_i32)(const int* x, S* o, long long n) { LOOP(i, n) o[i] = st((float)x[i]); }
 
-__global__ void bias_rows_f32(float* o, const float* b, long long rows, long long n) {
-    LOOP(i, rows * n) o[i] += b[i % n];
+// `o = acc + b` per row: the bias added to the f32 product before the one rounding.
+__global__ void SFX(bias_rows)(const float* acc, const S* b, S* o, long long rows, long long n) {
+    LOOP(i, rows * n) o[i] = st(acc[i] + ld(b[i % n]));
 }
 
-__global__ void embedding_f32(const int* ids, const float* table, float* o, long long t, long long h) {
+__global__ void SFX(embedding)(const int* ids, const S* table, S* o, long long t, long long h) {
     LOOP(i, t * h) {
         long long r = i / h, c = i % h;
         o[i] = table[(long long)ids[r] * h + c];
@@ -246,156 +296,201 @@ __global__ void embedding_f32(const int* ids, const float* table, float* o, long
 }
 
 // One thread per column: each sums its positions in sequence order (deterministic, as the
-// CPU kernel). `o` is zeroed first by the caller.
-__global__ void embedding_backward_f32(const int* ids, const float* g, float* o, long long t, long long h) {
+// CPU kernel) into f32 `o`, zeroed first by the caller. A bf16 result is accumulated in an
+// f32 buffer and rounded once after (dispatch's widening), as the CPU does.
+__global__ void SFX(embedding_backward)(const int* ids, const S* g, float* o, long long t, long long h) {
     LOOP(c, h) {
-        for (long long r = 0; r < t; ++r) o[(long long)ids[r] * h + c] += g[r * h + c];
+        for (long long r = 0; r < t; ++r) o[(long long)ids[r] * h + c] += ld(g[r * h + c]);
     }
 }
 
 // Softmax / log-softmax along the last axis, one thread per row.
-__global__ void softmax_rows_f32(const float* x, float* o, long long rows, long long h, int log_) {
+__global__ void SFX(softmax_rows)(const S* x, S* o, long long rows, long long h, int log_) {
     LOOP(r, rows) {
-        const float* xr = x + r * h;
-        float* orow = o + r * h;
+        const S* xr = x + r * h;
+        S* orow = o + r * h;
         float m = NEG_INF;
-        for (long long j = 0; j < h; ++j) m = fmaxf(m, xr[j]);
+        for (long long j = 0; j < h; ++j) m = fmaxf(m, ld(xr[j]));
         float s = 0.0f;
-        for (long long j = 0; j < h; ++j) s += expf(xr[j] - m);
+        for (long long j = 0; j < h; ++j) s += expf(ld(xr[j]) - m);
         if (log_) {
             float lse = (float)log((double)s);
-            for (long long j = 0; j < h; ++j) orow[j] = xr[j] - m - lse;
+            for (long long j = 0; j < h; ++j) orow[j] = st(ld(xr[j]) - m - lse);
         } else {
             float inv = 1.0f / s;
-            for (long long j = 0; j < h; ++j) orow[j] = expf(xr[j] - m) * inv;
+            for (long long j = 0; j < h; ++j) orow[j] = st(expf(ld(xr[j]) - m) * inv);
         }
     }
 }
 
 // op 0 sum, 1 mean, 2 max; x viewed as [outer, len, inner].
-__global__ void reduce_f32(const float* x, float* o, long long outer, long long len, long long inner, int op) {
+__global__ void SFX(reduce)(const S* x, S* o, long long outer, long long len, long long inner, int op) {
     LOOP(i, outer * inner) {
         long long oi = i / inner, ii = i % inner;
-        const float* base = x + oi * len * inner + ii;
+        const S* base = x + oi * len * inner + ii;
         if (op == 2) {
             float m = NEG_INF;
-            for (long long a = 0; a < len; ++a) m = fmaxf(m, base[a * inner]);
-            o[i] = m;
+            for (long long a = 0; a < len; ++a) m = fmaxf(m, ld(base[a * inner]));
+            o[i] = st(m);
         } else {
             double s = 0.0;
-            for (long long a = 0; a < len; ++a) s += (double)base[a * inner];
-            o[i] = op == 1 ? (float)(s / (double)len) : (float)s;
+            for (long long a = 0; a < len; ++a) s += (double)ld(base[a * inner]);
+            o[i] = st(op == 1 ? (float)(s / (double)len) : (float)s);
         }
     }
 }
 
-__device__ float rms_inv(const float* x, long long h, float eps) {
+// Norms: one block of NORM_THREADS per row (rows are the hidden size, thousands wide), row
+// statistics summed in f64 across the block as the CPU sums them in f64; the weight
+// gradients take per-row statistics computed once (`*_row_stats`) and sum each column over
+// the rows in order in f64, one thread per column.
+#define NORM_THREADS 256
+
+// Σ of `v` over the block (all threads get it); `sh` is NORM_THREADS doubles of shared memory.
+__device__ double block_sum(double v, double* sh) {
+    sh[threadIdx.x] = v;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+        if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__device__ float SFX(rms_inv)(const S* x, long long h, float eps, double* sh) {
     double s = 0.0;
-    for (long long j = 0; j < h; ++j) s += (double)x[j] * (double)x[j];
+    for (long long j = threadIdx.x; j < h; j += blockDim.x) {
+        double v = (double)ld(x[j]);
+        s += v * v;
+    }
+    s = block_sum(s, sh);
     float ms = (float)(s / (double)h);
     return 1.0f / sqrtf(ms + eps);
 }
 
-__device__ void ln_stats(const float* x, long long h, double eps, float* mean_out, float* r_out) {
+__device__ void SFX(ln_stats)(const S* x, long long h, double eps, float* mean_out, float* r_out, double* sh) {
     double mean = 0.0;
-    for (long long j = 0; j < h; ++j) mean += (double)x[j];
-    mean /= (double)h;
+    for (long long j = threadIdx.x; j < h; j += blockDim.x) mean += (double)ld(x[j]);
+    mean = block_sum(mean, sh) / (double)h;
     double var = 0.0;
-    for (long long j = 0; j < h; ++j) { double d = (double)x[j] - mean; var += d * d; }
-    var /= (double)h;
+    for (long long j = threadIdx.x; j < h; j += blockDim.x) {
+        double d = (double)ld(x[j]) - mean;
+        var += d * d;
+    }
+    var = block_sum(var, sh) / (double)h;
     *mean_out = (float)mean;
     *r_out = (float)(1.0 / sqrt(var + eps));
 }
 
-__global__ void rms_norm_f32(const float* x, const float* w, float* o, long long rows, long long h, float eps,
-                             float offset) {
-    LOOP(r, rows) {
-        const float* xr = x + r * h;
-        float inv = rms_inv(xr, h, eps);
-        for (long long j = 0; j < h; ++j) o[r * h + j] = xr[j] * inv * (offset + w[j]);
+#define ROWS(r, rows) for (long long r = blockIdx.x; r < (rows); r += gridDim.x)
+
+__global__ void SFX(rms_norm)(const S* x, const S* w, S* o, long long rows, long long h, float eps,
+                              float offset) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
+        const S* xr = x + r * h;
+        float inv = SFX(rms_inv)(xr, h, eps, sh);
+        for (long long j = threadIdx.x; j < h; j += blockDim.x)
+            o[r * h + j] = st(ld(xr[j]) * inv * (offset + ld(w[j])));
     }
 }
 
-__global__ void layer_norm_f32(const float* x, const float* w, const float* b, int has_b, float* o, long long rows,
-                               long long h, double eps) {
-    LOOP(r, rows) {
-        const float* xr = x + r * h;
+__global__ void SFX(layer_norm)(const S* x, const S* w, const S* b, int has_b, S* o, long long rows, long long h,
+                                double eps) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
+        const S* xr = x + r * h;
         float mean, inv;
-        ln_stats(xr, h, eps, &mean, &inv);
-        for (long long j = 0; j < h; ++j) {
-            float y = (xr[j] - mean) * inv * w[j];
-            o[r * h + j] = has_b ? y + b[j] : y;
+        SFX(ln_stats)(xr, h, eps, &mean, &inv, sh);
+        for (long long j = threadIdx.x; j < h; j += blockDim.x) {
+            float y = (ld(xr[j]) - mean) * inv * ld(w[j]);
+            o[r * h + j] = st(has_b ? y + ld(b[j]) : y);
         }
     }
 }
 
-__global__ void rms_norm_backward_f32(const float* x, const float* w, const float* g, float* o, long long rows,
-                                      long long h, float eps, float offset) {
-    LOOP(r, rows) {
-        const float* xr = x + r * h;
-        const float* gr = g + r * h;
-        double inv = (double)rms_inv(xr, h, eps);
+__global__ void SFX(rms_norm_backward)(const S* x, const S* w, const S* g, S* o, long long rows, long long h,
+                                       float eps, float offset) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
+        const S* xr = x + r * h;
+        const S* gr = g + r * h;
+        double inv = (double)SFX(rms_inv)(xr, h, eps, sh);
         double dot = 0.0;
-        for (long long j = 0; j < h; ++j) dot += (double)xr[j] * (double)gr[j] * (double)(offset + w[j]);
+        for (long long j = threadIdx.x; j < h; j += blockDim.x)
+            dot += (double)ld(xr[j]) * (double)ld(gr[j]) * (double)(offset + ld(w[j]));
+        dot = block_sum(dot, sh);
         double c = inv * inv * inv * dot / (double)h;
-        for (long long j = 0; j < h; ++j)
-            o[r * h + j] = (float)(inv * (double)(offset + w[j]) * (double)gr[j] - c * (double)xr[j]);
+        for (long long j = threadIdx.x; j < h; j += blockDim.x)
+            o[r * h + j] = st((float)(inv * (double)(offset + ld(w[j])) * (double)ld(gr[j]) - c * (double)ld(xr[j])));
+    }
+}
+
+// Per-row statistics for the weight gradients: stats[2r] = mean (0 for RMS), stats[2r+1] = 1/σ.
+__global__ void SFX(norm_row_stats)(const S* x, float* stats, long long rows, long long h, double eps, int layer) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
+        float mean = 0.0f, inv;
+        if (layer) SFX(ln_stats)(x + r * h, h, eps, &mean, &inv, sh);
+        else inv = SFX(rms_inv)(x + r * h, h, (float)eps, sh);
+        if (threadIdx.x == 0) {
+            stats[2 * r] = mean;
+            stats[2 * r + 1] = inv;
+        }
     }
 }
 
 // One thread per column, rows summed in order in f64.
-__global__ void rms_norm_weight_grad_f32(const float* x, const float* g, float* o, long long rows, long long h,
-                                         float eps) {
+__global__ void SFX(rms_norm_weight_grad)(const S* x, const S* g, const float* stats, S* o, long long rows,
+                                          long long h) {
     LOOP(c, h) {
         double acc = 0.0;
-        for (long long r = 0; r < rows; ++r) {
-            double inv = (double)rms_inv(x + r * h, h, eps);
-            acc += (double)g[r * h + c] * (double)x[r * h + c] * inv;
-        }
-        o[c] = (float)acc;
+        for (long long r = 0; r < rows; ++r)
+            acc += (double)ld(g[r * h + c]) * (double)ld(x[r * h + c]) * (double)stats[2 * r + 1];
+        o[c] = st((float)acc);
     }
 }
 
-__global__ void layer_norm_backward_f32(const float* x, const float* w, const float* g, float* o, long long rows,
-                                        long long h, double eps) {
-    LOOP(r, rows) {
-        const float* xr = x + r * h;
-        const float* gr = g + r * h;
+__global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* o, long long rows, long long h,
+                                         double eps) {
+    __shared__ double sh[NORM_THREADS];
+    ROWS(r, rows) {
+        const S* xr = x + r * h;
+        const S* gr = g + r * h;
         float mean, inv;
-        ln_stats(xr, h, eps, &mean, &inv);
+        SFX(ln_stats)(xr, h, eps, &mean, &inv, sh);
         double s1 = 0.0, s2 = 0.0;
-        for (long long j = 0; j < h; ++j) {
-            double xh = (double)((xr[j] - mean) * inv);
-            double d = (double)gr[j] * (double)w[j];
+        for (long long j = threadIdx.x; j < h; j += blockDim.x) {
+            double xh = (double)((ld(xr[j]) - mean) * inv);
+            double d = (double)ld(gr[j]) * (double)ld(w[j]);
             s1 += d;
             s2 += d * xh;
         }
-        double m1 = s1 / (double)h, m2 = s2 / (double)h;
-        for (long long j = 0; j < h; ++j) {
-            double xh = (double)((xr[j] - mean) * inv);
-            double d = (double)gr[j] * (double)w[j];
-            o[r * h + j] = (float)((double)inv * (d - m1 - xh * m2));
+        double m1 = block_sum(s1, sh) / (double)h, m2 = block_sum(s2, sh) / (double)h;
+        for (long long j = threadIdx.x; j < h; j += blockDim.x) {
+            double xh = (double)((ld(xr[j]) - mean) * inv);
+            double d = (double)ld(gr[j]) * (double)ld(w[j]);
+            o[r * h + j] = st((float)((double)inv * (d - m1 - xh * m2)));
         }
     }
 }
 
-__global__ void layer_norm_weight_grad_f32(const float* x, const float* g, float* o, long long rows, long long h,
-                                           double eps) {
+__global__ void SFX(layer_norm_weight_grad)(const S* x, const S* g, const float* stats, S* o, long long rows,
+                                            long long h) {
     LOOP(c, h) {
         double acc = 0.0;
-        for (long long r = 0; r < rows; ++r) {
-            float mean, inv;
-            ln_stats(x + r * h, h, eps, &mean, &inv);
-            acc += (double)g[r * h + c] * (double)((x[r * h + c] - mean) * inv);
-        }
-        o[c] = (float)acc;
+        for (long long r = 0; r < rows; ++r)
+            acc += (double)ld(g[r * h + c]) * (double)((ld(x[r * h + c]) - stats[2 * r]) * stats[2 * r + 1]);
+        o[c] = st((float)acc);
     }
 }
 
 // One thread per (position, head, feature). Angles `inv_freq·pos` in f32 as transformers
 // builds them; `sign` = −1 turns by −θ (the backward).
-__global__ void rope_f32(const float* x, const int* pos, const float* inv_freq, float* o, long long t,
-                         long long heads, long long hd, long long half, int interleaved, float sign) {
+__global__ void SFX(rope)(const S* x, const int* pos, const float* inv_freq, S* o, long long t, long long heads,
+                          long long hd, long long half, int interleaved, float sign) {
     LOOP(i, t * heads * hd) {
         long long e = i % hd;
         long long row = i / hd;
@@ -404,87 +499,84 @@ __global__ void rope_f32(const float* x, const int* pos, const float* inv_freq, 
             o[i] = x[i];
             continue;
         }
-        const float* xr = x + row * hd;
+        const S* xr = x + row * hd;
         long long pair = interleaved ? e / 2 : (e < half ? e : e - half);
         float a = inv_freq[pair] * (float)pos[p];
         float c = cosf(a), s = sign * sinf(a);
         float u, v;
         bool first;
         if (interleaved) {
-            u = xr[2 * pair];
-            v = xr[2 * pair + 1];
+            u = ld(xr[2 * pair]);
+            v = ld(xr[2 * pair + 1]);
             first = (e % 2) == 0;
         } else {
-            u = xr[pair];
-            v = xr[pair + half];
+            u = ld(xr[pair]);
+            v = ld(xr[pair + half]);
             first = e < half;
         }
-        o[i] = first ? u * c - v * s : v * c + u * s;
+        o[i] = st(first ? u * c - v * s : v * c + u * s);
     }
 }
 
-__device__ __forceinline__ bool visible(long long i, long long j, long long window) {
-    return j <= i && (window < 0 || i - j < window);
-}
-
-__device__ __forceinline__ float score(const float* q, const float* k, long long d, float scale, float cap) {
+__device__ __forceinline__ float SFX(score)(const S* q, const S* k, long long d, float scale, float cap) {
     float s = 0.0f;
-    for (long long e = 0; e < d; ++e) s += q[e] * k[e];
+    for (long long e = 0; e < d; ++e) s += ld(q[e]) * ld(k[e]);
     s *= scale;
     if (cap > 0.0f) s = cap * tanhf(s / cap);
     return s;
 }
 
 // Forward attention, one thread per (query, head, feature): max pass, then Σexp and the
-// weighted sum of values (scores recomputed; simple, not fast).
-__global__ void attention_f32(const float* q, const float* k, const float* v, float* o, long long t, long long nh,
-                              long long nkv, long long d, float scale, long long window, float cap) {
+// weighted sum of values (scores recomputed; simple, not fast — flash attention replaces
+// it for large shapes).
+__global__ void SFX(attention)(const S* q, const S* k, const S* v, S* o, long long t, long long nh, long long nkv,
+                               long long d, float scale, long long window, float cap) {
     long long group = nh / nkv;
     LOOP(idx, t * nh * d) {
         long long e = idx % d;
         long long h = (idx / d) % nh;
         long long i = idx / (d * nh);
         long long kh = h / group;
-        const float* qi = q + (i * nh + h) * d;
+        const S* qi = q + (i * nh + h) * d;
         float m = NEG_INF;
         for (long long j = 0; j <= i; ++j) {
             if (!visible(i, j, window)) continue;
-            m = fmaxf(m, score(qi, k + (j * nkv + kh) * d, d, scale, cap));
+            m = fmaxf(m, SFX(score)(qi, k + (j * nkv + kh) * d, d, scale, cap));
         }
         float l = 0.0f, acc = 0.0f;
         for (long long j = 0; j <= i; ++j) {
             if (!visible(i, j, window)) continue;
-            float p = expf(score(qi, k + (j * nkv + kh) * d, d, scale, cap) - m);
+            float p = expf(SFX(score)(qi, k + (j * nkv + kh) * d, d, scale, cap) - m);
             l += p;
-            acc += p * v[(j * nkv + kh) * d + e];
+            acc += p * ld(v[(j * nkv + kh) * d + e]);
         }
-        o[idx] = acc / l;
+        o[idx] = st(acc / l);
     }
 }
 
 // Backward, pass 1, one thread per (query, head): row max `m`, Σexp `l`, and
 // `D = Σ_j P_ij·dP_ij` with `dP_ij = g_i·v_j`. stats[(i·nh + h)·3 + {0,1,2}].
-__global__ void attention_stats_f32(const float* q, const float* k, const float* v, const float* g, float* stats,
-                                    long long t, long long nh, long long nkv, long long d, float scale,
-                                    long long window, float cap) {
+__global__ void SFX(attention_stats)(const S* q, const S* k, const S* v, const S* g, float* stats, long long t,
+                                     long long nh, long long nkv, long long d, float scale, long long window,
+                                     float cap) {
     long long group = nh / nkv;
     LOOP(idx, t * nh) {
         long long h = idx % nh, i = idx / nh, kh = h / group;
-        const float* qi = q + idx * d;
-        const float* gi = g + idx * d;
+        const S* qi = q + idx * d;
+        const S* gi = g + idx * d;
         float m = NEG_INF;
         for (long long j = 0; j <= i; ++j) {
             if (!visible(i, j, window)) continue;
-            m = fmaxf(m, score(qi, k + (j * nkv + kh) * d, d, scale, cap));
+            m = fmaxf(m, SFX(score)(qi, k + (j * nkv + kh) * d, d, scale, cap));
         }
         float l = 0.0f;
         double dsum = 0.0;
         for (long long j = 0; j <= i; ++j) {
             if (!visible(i, j, window)) continue;
-            float p = expf(score(qi, k + (j * nkv + kh) * d, d, scale, cap) - m);
+            float p = expf(SFX(score)(qi, k + (j * nkv + kh) * d, d, scale, cap) - m);
             l += p;
             float dp = 0.0f;
-            for (long long e = 0; e < d; ++e) dp += gi[e] * v[(j * nkv + kh) * d + e];
+            for (long long e = 0; e < d; ++e) dp += ld(gi[e]) * ld(v[(j * nkv + kh) * d + e]);
             dsum += (double)p * (double)dp;
         }
         stats[idx * 3] = m;
@@ -494,13 +586,13 @@ __global__ void attention_stats_f32(const float* q, const float* k, const float*
 }
 
 // dS_ij = P_ij·(dP_ij − D_i)·(1 − (s_ij/c)²)·scale, recomputed from the stats.
-__device__ float dscore(const float* qi, const float* kj, const float* gi, const float* vj, const float* st,
-                        long long d, float scale, float cap, float* p_out) {
-    float s = score(qi, kj, d, scale, cap);
-    float p = expf(s - st[0]) / st[1];
+__device__ float SFX(dscore)(const S* qi, const S* kj, const S* gi, const S* vj, const float* st_, long long d,
+                             float scale, float cap, float* p_out) {
+    float s = SFX(score)(qi, kj, d, scale, cap);
+    float p = expf(s - st_[0]) / st_[1];
     float dp = 0.0f;
-    for (long long e = 0; e < d; ++e) dp += gi[e] * vj[e];
-    float ds = p * (dp - st[2]);
+    for (long long e = 0; e < d; ++e) dp += ld(gi[e]) * ld(vj[e]);
+    float ds = p * (dp - st_[2]);
     if (cap > 0.0f) {
         float r = s / cap;
         ds *= 1.0f - r * r;
@@ -510,93 +602,156 @@ __device__ float dscore(const float* qi, const float* kj, const float* gi, const
 }
 
 // Pass 2: dq, one thread per (query, head, feature). Output rows are [T, nh + 2·nkv, d].
-__global__ void attention_dq_f32(const float* q, const float* k, const float* v, const float* g,
-                                 const float* stats, float* o, long long t, long long nh, long long nkv, long long d,
-                                 float scale, long long window, float cap) {
+__global__ void SFX(attention_dq)(const S* q, const S* k, const S* v, const S* g, const float* stats, S* o,
+                                  long long t, long long nh, long long nkv, long long d, float scale,
+                                  long long window, float cap) {
     long long group = nh / nkv, rowh = nh + 2 * nkv;
     LOOP(idx, t * nh * d) {
         long long e = idx % d, h = (idx / d) % nh, i = idx / (d * nh), kh = h / group;
-        const float* qi = q + (i * nh + h) * d;
-        const float* gi = g + (i * nh + h) * d;
-        const float* st = stats + (i * nh + h) * 3;
+        const S* qi = q + (i * nh + h) * d;
+        const S* gi = g + (i * nh + h) * d;
+        const float* sti = stats + (i * nh + h) * 3;
         float acc = 0.0f;
         for (long long j = 0; j <= i; ++j) {
             if (!visible(i, j, window)) continue;
-            const float* kj = k + (j * nkv + kh) * d;
+            const S* kj = k + (j * nkv + kh) * d;
             float p;
-            float ds = dscore(qi, kj, gi, v + (j * nkv + kh) * d, st, d, scale, cap, &p);
-            acc += ds * kj[e];
+            float ds = SFX(dscore)(qi, kj, gi, v + (j * nkv + kh) * d, sti, d, scale, cap, &p);
+            acc += ds * ld(kj[e]);
         }
-        o[(i * rowh + h) * d + e] = acc;
+        o[(i * rowh + h) * d + e] = st(acc);
     }
 }
 
 // Pass 3: dk and dv, one thread per (key, KV head, feature), summing the query heads of the
 // group and the queries that see the key.
-__global__ void attention_dkv_f32(const float* q, const float* k, const float* v, const float* g,
-                                  const float* stats, float* o, long long t, long long nh, long long nkv, long long d,
-                                  float scale, long long window, float cap) {
+__global__ void SFX(attention_dkv)(const S* q, const S* k, const S* v, const S* g, const float* stats, S* o,
+                                   long long t, long long nh, long long nkv, long long d, float scale,
+                                   long long window, float cap) {
     long long group = nh / nkv, rowh = nh + 2 * nkv;
     LOOP(idx, t * nkv * d) {
         long long e = idx % d, kh = (idx / d) % nkv, j = idx / (d * nkv);
-        const float* kj = k + (j * nkv + kh) * d;
-        const float* vj = v + (j * nkv + kh) * d;
+        const S* kj = k + (j * nkv + kh) * d;
+        const S* vj = v + (j * nkv + kh) * d;
         float dk = 0.0f, dv = 0.0f;
         for (long long gi_ = 0; gi_ < group; ++gi_) {
             long long h = kh * group + gi_;
             for (long long i = j; i < t; ++i) {
                 if (!visible(i, j, window)) continue;
-                const float* qi = q + (i * nh + h) * d;
-                const float* gi = g + (i * nh + h) * d;
+                const S* qi = q + (i * nh + h) * d;
+                const S* gi = g + (i * nh + h) * d;
                 float p;
-                float ds = dscore(qi, kj, gi, vj, stats + (i * nh + h) * 3, d, scale, cap, &p);
-                dk += ds * qi[e];
-                dv += p * gi[e];
+                float ds = SFX(dscore)(qi, kj, gi, vj, stats + (i * nh + h) * 3, d, scale, cap, &p);
+                dk += ds * ld(qi[e]);
+                dv += p * ld(gi[e]);
             }
         }
-        o[(j * rowh + nh + kh) * d + e] = dk;
-        o[(j * rowh + nh + nkv + kh) * d + e] = dv;
+        o[(j * rowh + nh + kh) * d + e] = st(dk);
+        o[(j * rowh + nh + nkv + kh) * d + e] = st(dv);
     }
 }
 
-// Log-sum-exp of each row, in f64 (the CPU merges 65 536-wide chunks; same number up to
-// rounding).
-__global__ void row_lse_f32(const float* z, double* lse, long long rows, long long v) {
-    LOOP(r, rows) {
-        const float* zr = z + r * v;
+// Log-sum-exp of each row, one block of LSE_THREADS per row (the vocabulary can be 256k
+// wide): a block-wide max, then Σ exp(z − m) with float exponentials summed in f64 per
+// thread and across the block, as the CPU sums `exp` terms in f64. The logits are read in
+// their storage type and never widened to an f32 copy. Reading the row twice costs nothing
+// extra: 256 kB of bf16 stays in L2 between the passes.
+#define LSE_THREADS 512
+__global__ void SFX(row_lse)(const S* z, double* lse, long long rows, long long v) {
+    __shared__ float smax[LSE_THREADS];
+    __shared__ double ssum[LSE_THREADS];
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const S* zr = z + r * v;
         float m = NEG_INF;
-        for (long long j = 0; j < v; ++j) m = fmaxf(m, zr[j]);
+        for (long long j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(zr[j]));
+        smax[threadIdx.x] = m;
+        __syncthreads();
+        for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+            if (threadIdx.x < w) smax[threadIdx.x] = fmaxf(smax[threadIdx.x], smax[threadIdx.x + w]);
+            __syncthreads();
+        }
+        m = smax[0];
         double s = 0.0;
-        for (long long j = 0; j < v; ++j) s += exp((double)zr[j] - (double)m);
-        lse[r] = (double)m + log(s);
+        for (long long j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(ld(zr[j]) - m);
+        ssum[threadIdx.x] = s;
+        __syncthreads();
+        for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+            if (threadIdx.x < w) ssum[threadIdx.x] += ssum[threadIdx.x + w];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) lse[r] = (double)m + log(ssum[0]);
+        __syncthreads();
     }
 }
 
 // Σ over valid rows of lse − z[y], in row order by one thread, divided by `count`.
-__global__ void cross_entropy_f32(const float* z, const int* y, const double* lse, float* o, long long rows,
-                                  long long v, long long count) {
+__global__ void SFX(cross_entropy)(const S* z, const int* y, const double* lse, float* o, long long rows,
+                                   long long v, long long count) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
         double total = 0.0;
         for (long long r = 0; r < rows; ++r) {
             if (y[r] == -100) continue;
-            total += lse[r] - (double)z[r * v + y[r]];
+            total += lse[r] - (double)ld(z[r * v + y[r]]);
         }
         o[0] = (float)(total / (double)count);
     }
 }
 
-__global__ void cross_entropy_backward_f32(const float* z, const int* y, const double* lse, const float* g,
-                                           float* o, long long rows, long long v, long long count) {
-    float s = (float)((double)g[0] / (double)count);
+// `g·(softmax − onehot)/count`, written straight into the logits' storage type.
+__global__ void SFX(cross_entropy_backward)(const S* z, const int* y, const double* lse, const float* g, S* o,
+                                            long long rows, long long v, long long count) {
+    double sd = (double)g[0] / (double)count;
+    float s = (float)sd;
     LOOP(i, rows * v) {
         long long r = i / v, c = i % v;
         int l = y[r];
         if (l == -100) {
-            o[i] = 0.0f;
+            o[i] = st(0.0f);
         } else {
-            float p = expf((float)((double)z[i] - lse[r])) * s;
-            o[i] = c == l ? p - s : p;
+            float p = (float)(exp((double)ld(z[i]) - lse[r]) * sd);
+            o[i] = st(c == l ? p - s : p);
         }
+    }
+}
+
+// PyTorch's nll_loss (mean over labels ≠ −100) of log-probabilities, summed in f64 in row
+// order by one thread.
+__global__ void SFX(nll)(const S* lp, const int* y, float* o, long long rows, long long v, long long count) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        double total = 0.0;
+        for (long long r = 0; r < rows; ++r) {
+            if (y[r] == -100) continue;
+            total -= (double)ld(lp[r * v + y[r]]);
+        }
+        o[0] = (float)(total / (double)count);
+    }
+}
+
+// −g/count at [t, y_t] of valid rows, zero elsewhere.
+__global__ void SFX(nll_backward)(const int* y, const float* g, S* o, long long rows, long long v, long long count) {
+    float d = (float)(-((double)g[0] / (double)count));
+    LOOP(i, rows * v) {
+        long long r = i / v, c = i % v;
+        o[i] = st(y[r] != -100 && c == y[r] ? d : 0.0f);
+    }
+}
+
+// SplitMix64's output function, as `qplc_ops::dropout::mix`.
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// Inverted dropout with the counter-hash mask of `qplc_ops::dropout::keeps_in`: element i is
+// kept when the top 53 bits of mix(stream + (i+1)·γ), read as a fraction, are at least p —
+// bit-identical to the CPU's mask, since it depends on (stream, i) only. `stream` is
+// computed on the host from (seed, salt).
+__global__ void SFX(dropout)(const S* x, S* o, long long n, unsigned long long stream, double p, float scale) {
+    LOOP(i, n) {
+        unsigned long long h = mix64(stream + ((unsigned long long)i + 1ull) * 0x9E3779B97F4A7C15ull);
+        bool keep = (double)(h >> 11) * (1.0 / 9007199254740992.0) >= p;
+        o[i] = st(keep ? ld(x[i]) * scale : 0.0f);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Launch plumbing shared by the dispatch code: grid sizes, the `Strided` shape argument and
 //! the `launch!` macro, which checks every launch's return code.
-use super::CudaBackend;
+use super::{CudaBackend, DevData, Float};
 use crate::backend::KernelError;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use qplc_ops::Shape;
@@ -97,30 +97,83 @@ fn broadcast_strides(s: &Shape, rank: usize) -> Vec<usize> {
         .collect()
 }
 
-/// Launches kernel `$name` over `$n` threads with the given argument references (each
-/// must outlive the statement: pass references to named locals). Zero threads launch
-/// nothing. The launch's return code is checked; asynchronous faults surface at the next
+/// How many threads a launch covers: a `usize` element count (one thread per element,
+/// grid-stride beyond `MAX_BLOCKS`; zero launches nothing) or an explicit configuration.
+pub(crate) trait Grid {
+    fn config(self) -> Option<LaunchConfig>;
+}
+
+impl Grid for usize {
+    fn config(self) -> Option<LaunchConfig> {
+        (self > 0).then(|| grid(self))
+    }
+}
+
+impl Grid for LaunchConfig {
+    fn config(self) -> Option<LaunchConfig> {
+        Some(self)
+    }
+}
+
+/// One block of `threads` per row, grid-stride beyond `MAX_BLOCKS` rows (zero rows launch
+/// nothing).
+pub(crate) fn rows(n: usize, threads: u32) -> Option<LaunchConfig> {
+    (n > 0).then(|| LaunchConfig {
+        grid_dim: (n.clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+impl Grid for Option<LaunchConfig> {
+    fn config(self) -> Option<LaunchConfig> {
+        self
+    }
+}
+
+/// Launches a kernel over `$grid` (see `Grid`) with the given argument references (each
+/// must outlive the statement: pass references to named locals). `"name" @ float` picks
+/// the storage build's `name_f32` / `name_bf16`; a plain `"name"` is a full kernel name.
+/// The launch's return code is checked; asynchronous faults surface at the next
 /// synchronisation (every download synchronises).
 macro_rules! launch {
-    ($be:expr, $name:literal, $n:expr; $($arg:expr),* $(,)?) => {{
-        let n: usize = $n;
-        if n == 0 {
-            Ok(())
-        } else {
-            let mut b = $be.stream.launch_builder($be.func($name));
-            $( b.arg($arg); )*
-            // SAFETY: argument types and order follow the kernel's C signature in
-            // kernels.cu; every buffer holds the elements the kernel indexes (checked by
-            // `Op::infer` against the buffers' types before dispatch).
-            unsafe { b.launch($crate::cuda::launch::grid(n)) }
-                .map(|_| ())
-                .map_err(|e| $crate::cuda::cuda_err($name, "kernel launch", e))
+    (@go $be:expr, $name:literal, $full:expr, $grid:expr; $($arg:expr),*) => {{
+        match ($crate::cuda::launch::Grid::config($grid), $be.func($full)) {
+            (None, _) => Ok(()),
+            (Some(_), Err(e)) => Err(e),
+            (Some(cfg), Ok(f)) => {
+                let mut b = $be.stream.launch_builder(f);
+                $( b.arg($arg); )*
+                // SAFETY: argument types and order follow the kernel's C signature in
+                // kernels.cu; every buffer holds the elements the kernel indexes (checked
+                // by `Op::infer` against the buffers' types before dispatch), in the
+                // storage kind of the build launched.
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| $crate::cuda::cuda_err($name, "kernel launch", e))
+            }
         }
     }};
+    ($be:expr, $name:literal @ $float:expr, $grid:expr; $($arg:expr),* $(,)?) => {{
+        let full = format!("{}_{}", $name, $crate::cuda::Float::suffix($float));
+        $crate::cuda::launch::launch!(@go $be, $name, &full, $grid; $($arg),*)
+    }};
+    ($be:expr, $name:literal, $grid:expr; $($arg:expr),* $(,)?) => {
+        $crate::cuda::launch::launch!(@go $be, $name, $name, $grid; $($arg),*)
+    };
 }
 pub(crate) use launch;
 
 impl CudaBackend {
+    /// Fills a float buffer (either storage) with `v`, rounded to the storage type.
+    pub(crate) fn fill(&self, d: &mut DevData, n: usize, v: f32) -> Result<(), KernelError> {
+        let nn = n as i64;
+        match d.float() {
+            Some(f) => launch!(self, "fill" @ f, n; d, &nn, &v),
+            None => Err(KernelError::new("fill", "expects a float buffer")),
+        }
+    }
+
     pub(crate) fn fill_f32(
         &self,
         s: &mut CudaSlice<f32>,
@@ -128,7 +181,7 @@ impl CudaBackend {
         v: f32,
     ) -> Result<(), KernelError> {
         let nn = n as i64;
-        launch!(self, "fill_f32", n; s, &nn, &v)
+        launch!(self, "fill" @ Float::F32, n; s, &nn, &v)
     }
 
     pub(crate) fn fill_i32(

@@ -1,110 +1,225 @@
-//! The CUDA backend (issue 6, first step; notes/CUDA.md): the same `Backend` contract as the
-//! CPU reference, so `executor::Program` runs the same compiled graphs on a GPU.
+//! The CUDA backend (issue 6; notes/CUDA.md): the same `Backend` contract as the CPU
+//! reference, so `executor::Program` runs the same compiled graphs on a GPU.
 //!
 //! Built on `cudarc` with dynamic loading: the crate compiles on machines without CUDA, and
 //! the driver, NVRTC and cuBLAS libraries are looked up when `CudaBackend::new` runs. All
-//! kernels (`kernels.cu`) are compiled by NVRTC once at start-up; matrix products go
-//! through cuBLAS with f32 accumulation.
+//! kernels (`kernels.cu`) are compiled by NVRTC once at start-up, for f32 and for bf16
+//! storage; matrix products go through cuBLAS with f32 accumulation (tensor cores for bf16).
 //!
-//! Storage mirrors the CPU backend on purpose: floats are f32 on the device whatever their
-//! logical dtype, and every op that computes (not one that only moves data) rounds a
-//! bf16/f16 result once (`round_storage`). Both backends therefore compute the same
-//! function and can be compared op by op (`check`); bf16 storage and tensor-core products
-//! are the next step (notes/CUDA.md).
+//! bf16 tensors hold 2 bytes an element on the device; f32 and f16 tensors hold f32 (an f16
+//! result is rounded once after its op, `round_storage`). Each kernel computes in f32 (f64
+//! where the CPU does) and rounds its result to the storage type once, exactly as the CPU
+//! backend rounds after each op, so the two backends compute the same function and can be
+//! compared op by op (`check`). Buffers come from a caching allocator (`alloc`).
+mod alloc;
 pub mod check;
+mod check_large;
 mod dispatch;
+mod gemm;
 mod launch;
 pub mod model;
 
 use crate::backend::{Backend, KernelError};
 use crate::tensor::{Data, HostTensor};
+use alloc::{Element, Pool, Slab};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, PushKernelArg};
 use qplc_ops::{DType, TensorType};
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
 
 /// CUDA C source of every kernel.
 const KERNELS: &str = include_str!("kernels.cu");
 
-/// Kernel entry points of `kernels.cu`, loaded once.
+/// Kernels that exist for both storage kinds, as `{name}_f32` and `{name}_bf16`.
 const KERNEL_NAMES: &[&str] = &[
-    "round_storage",
-    "fill_f32",
-    "fill_i32",
-    "unary_f32",
-    "unary_backward_f32",
-    "scalar_map_f32",
-    "binary_f32",
-    "binary_i32",
-    "binary_backward_f32",
-    "gather_u32",
-    "place_u32",
-    "slice_u32",
-    "cast_f32_i32",
-    "cast_i32_f32",
-    "bias_rows_f32",
-    "embedding_f32",
-    "embedding_backward_f32",
-    "softmax_rows_f32",
-    "reduce_f32",
-    "rms_norm_f32",
-    "layer_norm_f32",
-    "rms_norm_backward_f32",
-    "rms_norm_weight_grad_f32",
-    "layer_norm_backward_f32",
-    "layer_norm_weight_grad_f32",
-    "rope_f32",
-    "attention_f32",
-    "attention_stats_f32",
-    "attention_dq_f32",
-    "attention_dkv_f32",
-    "row_lse_f32",
-    "cross_entropy_f32",
-    "cross_entropy_backward_f32",
+    "fill",
+    "unary",
+    "unary_backward",
+    "scalar_map",
+    "binary",
+    "binary_backward",
+    "gather",
+    "place",
+    "slice",
+    "cast_to_i32",
+    "cast_from_i32",
+    "bias_rows",
+    "embedding",
+    "embedding_backward",
+    "softmax_rows",
+    "reduce",
+    "rms_norm",
+    "layer_norm",
+    "rms_norm_backward",
+    "rms_norm_weight_grad",
+    "layer_norm_backward",
+    "layer_norm_weight_grad",
+    "norm_row_stats",
+    "rope",
+    "attention",
+    "attention_stats",
+    "attention_dq",
+    "attention_dkv",
+    "row_lse",
+    "cross_entropy",
+    "cross_entropy_backward",
+    "nll",
+    "nll_backward",
+    "dropout",
 ];
 
-/// Device storage of a tensor: floats as f32, integers as i32 (as `HostTensor`).
+/// Kernels of the f32 build only (integers, f16 rounding, the in-place f32 bias).
+const F32_KERNEL_NAMES: &[&str] = &[
+    "round_storage",
+    "fill_i32",
+    "binary_i32",
+    "bias_inplace_f32",
+];
+
+/// Kernels of the bf16 build only (storage conversions).
+const BF16_KERNEL_NAMES: &[&str] = &["widen_bf16", "narrow_bf16"];
+
+/// The storage kind of a float tensor, which selects a kernel build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Float {
+    F32,
+    BF16,
+}
+
+impl Float {
+    fn define(self) -> &'static str {
+        match self {
+            Float::F32 => "#define STORAGE_BF16 0\n",
+            Float::BF16 => "#define STORAGE_BF16 1\n",
+        }
+    }
+
+    fn suffix(self) -> &'static str {
+        match self {
+            Float::F32 => "f32",
+            Float::BF16 => "bf16",
+        }
+    }
+
+    /// The storage a float dtype gets: bf16 its own 2-byte kind, f32 and f16 f32.
+    pub fn of(dtype: DType) -> Float {
+        if dtype == DType::BF16 {
+            Float::BF16
+        } else {
+            Float::F32
+        }
+    }
+}
+
+/// Device storage of a tensor: f32 (for f32 and f16 tensors), bf16 bits, or i32.
 pub enum DevData {
     F32(CudaSlice<f32>),
+    BF16(CudaSlice<u16>),
     I32(CudaSlice<i32>),
 }
 
-/// A tensor in GPU memory, with its logical type.
+impl DevData {
+    /// The float storage kind, `None` for integers.
+    pub fn float(&self) -> Option<Float> {
+        match self {
+            DevData::F32(_) => Some(Float::F32),
+            DevData::BF16(_) => Some(Float::BF16),
+            DevData::I32(_) => None,
+        }
+    }
+}
+
+// A tensor of either storage kind is passed to a kernel as its device pointer; the kernel
+// build chosen for the launch decides how the words are read.
+unsafe impl<'a, 'b: 'a> PushKernelArg<&'b DevData> for LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b DevData) -> &mut Self {
+        match arg {
+            DevData::F32(s) => self.arg(s),
+            DevData::BF16(s) => self.arg(s),
+            DevData::I32(s) => self.arg(s),
+        }
+    }
+}
+
+unsafe impl<'a, 'b: 'a> PushKernelArg<&'b mut DevData> for LaunchArgs<'a> {
+    fn arg(&mut self, arg: &'b mut DevData) -> &mut Self {
+        match arg {
+            DevData::F32(s) => self.arg(s),
+            DevData::BF16(s) => self.arg(s),
+            DevData::I32(s) => self.arg(s),
+        }
+    }
+}
+
+/// A tensor in GPU memory, with its logical type. Dropping it hands its buffer back to the
+/// backend's caching allocator.
 pub struct CudaTensor {
     pub ty: TensorType,
-    pub data: DevData,
+    data: ManuallyDrop<DevData>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for CudaTensor {
+    fn drop(&mut self) {
+        // SAFETY: `data` is not used again; this is its only take.
+        let d = unsafe { ManuallyDrop::take(&mut self.data) };
+        self.pool.give(match d {
+            DevData::F32(s) => Slab::F32(s),
+            DevData::BF16(s) => Slab::BF16(s),
+            DevData::I32(s) => Slab::I32(s),
+        });
+    }
 }
 
 impl CudaTensor {
-    fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>, KernelError> {
-        match &self.data {
+    pub fn data(&self) -> &DevData {
+        &self.data
+    }
+
+    pub fn data_mut(&mut self) -> &mut DevData {
+        &mut self.data
+    }
+
+    /// The f32 buffer of a tensor held in f32 storage (f32 and f16 dtypes); an error names
+    /// the tensor otherwise. For code that works on f32 only (optimiser state, masters).
+    pub fn f32(&self, op: &'static str) -> Result<&CudaSlice<f32>, KernelError> {
+        match &*self.data {
             DevData::F32(s) => Ok(s),
-            DevData::I32(_) => Err(KernelError::new(
+            _ => Err(KernelError::new(
                 op,
-                format!("expects a float tensor, got {}", self.ty),
+                format!("expects a tensor held as f32, got {}", self.ty),
             )),
         }
     }
 
-    fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>, KernelError> {
-        let ty = self.ty.clone();
-        match &mut self.data {
+    pub fn f32_mut(&mut self, op: &'static str) -> Result<&mut CudaSlice<f32>, KernelError> {
+        match &mut *self.data {
             DevData::F32(s) => Ok(s),
-            DevData::I32(_) => Err(KernelError::new(
+            _ => Err(KernelError::new(
                 op,
-                format!("expects a float output, got {ty}"),
+                format!("expects a tensor held as f32, got {}", self.ty),
             )),
         }
     }
 
-    fn i32(&self, op: &'static str) -> Result<&CudaSlice<i32>, KernelError> {
-        match &self.data {
+    pub fn i32(&self, op: &'static str) -> Result<&CudaSlice<i32>, KernelError> {
+        match &*self.data {
             DevData::I32(s) => Ok(s),
-            DevData::F32(_) => Err(KernelError::new(
+            _ => Err(KernelError::new(
                 op,
                 format!("expects an integer tensor, got {}", self.ty),
             )),
+        }
+    }
+
+    /// Bytes this tensor's buffer holds on the device.
+    pub fn device_bytes(&self) -> usize {
+        match &*self.data {
+            DevData::F32(s) => s.len() * 4,
+            DevData::BF16(s) => s.len() * 2,
+            DevData::I32(s) => s.len() * 4,
         }
     }
 }
@@ -114,21 +229,29 @@ pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlas,
-    funcs: HashMap<&'static str, CudaFunction>,
-    /// Fill every new buffer with NaN (floats) or `i32::MIN` (integers), so that an
-    /// element a kernel forgets to write shows up in a comparison (METHOD.md "poison").
+    /// Kernels by their full name (`unary_bf16`).
+    funcs: HashMap<String, CudaFunction>,
+    pool: Arc<Pool>,
+    /// Fill every new buffer (reused ones too) with NaN (floats) or `i32::MIN` (integers),
+    /// so that an element a kernel forgets to write shows up in a comparison (METHOD.md
+    /// "poison").
     poison: bool,
 }
 
-/// Compiles kernels.cu with NVRTC for `arch` (`sm_90`); a compile error carries NVRTC's log.
-/// Needs only libnvrtc (no GPU), so it is tested wherever that library is found.
-pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, KernelError> {
-    with_libraries(|| {
+/// Compiles kernels.cu with NVRTC for `arch` (`sm_90`) in one storage build; a compile error
+/// carries NVRTC's log. Needs only libnvrtc (no GPU), so it is tested wherever that library
+/// is found.
+pub fn compile_kernels(
+    arch: &'static str,
+    float: Float,
+) -> Result<cudarc::nvrtc::Ptx, KernelError> {
+    let src = format!("{}{KERNELS}", float.define());
+    with_libraries(move || {
         cudarc::nvrtc::compile_ptx_with_opts(
-            KERNELS,
+            src,
             cudarc::nvrtc::CompileOptions {
                 arch: Some(arch),
-                name: Some("qplc_kernels.cu".into()),
+                name: Some(format!("qplc_kernels_{}.cu", float.suffix())),
                 ..Default::default()
             },
         )
@@ -136,7 +259,8 @@ pub fn compile_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, KernelE
             cudarc::nvrtc::CompileError::CompileError { log, options, .. } => KernelError::new(
                 "nvrtc",
                 format!(
-                    "kernels.cu does not compile (options {options:?}):\n{}",
+                    "kernels.cu ({} storage) does not compile (options {options:?}):\n{}",
+                    float.suffix(),
                     log.to_string_lossy()
                 ),
             ),
@@ -175,9 +299,10 @@ pub(crate) fn cuda_err(op: &'static str, what: &str, e: impl std::fmt::Debug) ->
 }
 
 impl CudaBackend {
-    /// Opens GPU `ordinal`, compiles the kernels with NVRTC for its architecture and
-    /// creates the cuBLAS handle. Fails with a readable error (not a panic) where the CUDA
-    /// libraries are missing or the kernels do not compile (the NVRTC log is included).
+    /// Opens GPU `ordinal`, compiles the kernels with NVRTC for its architecture (both
+    /// storage builds, in parallel) and creates the cuBLAS handle. Fails with a readable
+    /// error (not a panic) where the CUDA libraries are missing or the kernels do not
+    /// compile (the NVRTC log is included).
     pub fn new(ordinal: usize) -> Result<Self, KernelError> {
         with_libraries(|| {
             let ctx = CudaContext::new(ordinal)
@@ -186,23 +311,45 @@ impl CudaBackend {
                 .compute_capability()
                 .map_err(|e| cuda_err("cuda", "compute capability", e))?;
             let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-            let module = ctx
-                .load_module(compile_kernels(arch)?)
-                .map_err(|e| cuda_err("cuda", "loading the compiled kernels", e))?;
+            let (f32_ptx, bf16_ptx) = std::thread::scope(|sc| {
+                let b = sc.spawn(|| compile_kernels(arch, Float::BF16));
+                let f = compile_kernels(arch, Float::F32);
+                let b = b.join().unwrap_or_else(|_| {
+                    Err(KernelError::new(
+                        "nvrtc",
+                        "the bf16 compile thread panicked",
+                    ))
+                });
+                (f, b)
+            });
             let mut funcs = HashMap::new();
-            for &name in KERNEL_NAMES {
-                let f = module
-                    .load_function(name)
-                    .map_err(|e| cuda_err("cuda", &format!("kernel `{name}`"), e))?;
-                funcs.insert(name, f);
+            for (float, ptx, only) in [
+                (Float::F32, f32_ptx?, F32_KERNEL_NAMES),
+                (Float::BF16, bf16_ptx?, BF16_KERNEL_NAMES),
+            ] {
+                let module = ctx
+                    .load_module(ptx)
+                    .map_err(|e| cuda_err("cuda", "loading the compiled kernels", e))?;
+                let names = KERNEL_NAMES
+                    .iter()
+                    .map(|n| format!("{n}_{}", float.suffix()))
+                    .chain(only.iter().map(|n| n.to_string()));
+                for name in names {
+                    let f = module
+                        .load_function(&name)
+                        .map_err(|e| cuda_err("cuda", &format!("kernel `{name}`"), e))?;
+                    funcs.insert(name, f);
+                }
             }
             let stream = ctx.default_stream();
             let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cublas", "init", e))?;
+            let pool = Arc::new(Pool::new(stream.clone()));
             Ok(CudaBackend {
                 ctx,
                 stream,
                 blas,
                 funcs,
+                pool,
                 poison: false,
             })
         })
@@ -228,17 +375,71 @@ impl CudaBackend {
             .map_err(|e| cuda_err("cuda", "synchronize", e))
     }
 
-    fn func(&self, name: &'static str) -> &CudaFunction {
-        &self.funcs[name]
+    /// Bytes held by live device buffers (tensors, weights included, and scratch arrays).
+    pub fn bytes_in_use(&self) -> usize {
+        self.pool.in_use()
     }
 
-    /// Raw device allocation of `n` elements (zero-length allocations are valid here).
-    fn raw<T: cudarc::driver::DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, KernelError> {
-        // SAFETY: the contents are unspecified until a kernel writes them, as the Backend
-        // contract says of `alloc`.
-        // One element at least: a zero-byte cuMemAlloc is an error.
-        unsafe { self.stream.alloc::<T>(n.max(1)) }
-            .map_err(|e| cuda_err("alloc", &format!("{n} elements"), e))
+    /// The most `bytes_in_use` has been since the backend started or `reset_peak`.
+    pub fn peak_bytes_in_use(&self) -> usize {
+        self.pool.peak()
+    }
+
+    /// Bytes taken from the driver: in use plus cached for reuse.
+    pub fn bytes_reserved(&self) -> usize {
+        self.pool.reserved()
+    }
+
+    /// Device allocations (`cuMemAlloc`) made so far; constant once the cache is warm.
+    pub fn device_allocations(&self) -> u64 {
+        self.pool.mallocs()
+    }
+
+    /// Starts a new high-water mark at the current `bytes_in_use`.
+    pub fn reset_peak(&self) {
+        self.pool.reset_peak()
+    }
+
+    /// Returns every cached buffer to the driver.
+    pub fn trim_cache(&self) {
+        self.pool.trim()
+    }
+
+    /// A kernel by its full name; every name is loaded at start-up, so a miss is a bug in
+    /// the dispatch code, reported as an error rather than a panic.
+    pub(crate) fn func(&self, name: &str) -> Result<&CudaFunction, KernelError> {
+        self.funcs
+            .get(name)
+            .ok_or_else(|| KernelError::new("cuda", format!("no kernel named `{name}` was loaded")))
+    }
+
+    /// A scratch array from the pool, handed back when dropped.
+    pub(crate) fn scratch<T: Element>(&self, n: usize) -> Result<alloc::Scratch<T>, KernelError> {
+        alloc::Scratch::new(&self.pool, n)
+    }
+
+    /// A tensor of type `ty` in storage `data` taken from the pool.
+    fn tensor(&self, ty: &TensorType, data: DevData) -> CudaTensor {
+        CudaTensor {
+            ty: ty.clone(),
+            data: ManuallyDrop::new(data),
+            pool: self.pool.clone(),
+        }
+    }
+
+    /// A buffer of `ty` held in float storage `float` (not necessarily `Float::of(ty)`: the
+    /// dispatch code widens mixed-dtype operands to f32). Unpoisoned.
+    pub(crate) fn alloc_in(
+        &self,
+        ty: &TensorType,
+        float: Float,
+    ) -> Result<CudaTensor, KernelError> {
+        let n = ty.shape.numel();
+        let data = match float {
+            Float::F32 => DevData::F32(self.pool.take::<f32>(n)?),
+            Float::BF16 => DevData::BF16(self.pool.take::<u16>(n)?),
+        };
+        Ok(self.tensor(ty, data))
     }
 }
 
@@ -251,91 +452,115 @@ impl Backend for CudaBackend {
 
     fn alloc(&self, ty: &TensorType) -> Result<CudaTensor, KernelError> {
         let n = ty.shape.numel();
-        let data = if ty.dtype.is_float() {
-            if ty.dtype == DType::NF4 {
-                return Err(KernelError::new(
-                    "alloc",
-                    "nf4 tensors are not supported yet",
-                ));
-            }
-            let mut s = self.raw::<f32>(n)?;
-            if self.poison {
-                self.fill_f32(&mut s, n, f32::NAN)?;
-            }
-            DevData::F32(s)
+        let mut t = if ty.dtype == DType::NF4 {
+            return Err(KernelError::new(
+                "alloc",
+                "nf4 tensors are not supported on the GPU yet",
+            ));
+        } else if ty.dtype.is_float() {
+            self.alloc_in(ty, Float::of(ty.dtype))?
         } else if ty.dtype == DType::I32 {
-            let mut s = self.raw::<i32>(n)?;
-            if self.poison {
-                self.fill_i32(&mut s, n, i32::MIN)?;
-            }
-            DevData::I32(s)
+            self.tensor(ty, DevData::I32(self.pool.take::<i32>(n)?))
         } else {
             return Err(KernelError::new(
                 "alloc",
                 format!("{ty}: only f32/bf16/f16 and i32 tensors live on the GPU"),
             ));
         };
-        Ok(CudaTensor {
-            ty: ty.clone(),
-            data,
-        })
+        if self.poison {
+            match t.data_mut() {
+                DevData::I32(s) => self.fill_i32(s, n, i32::MIN)?,
+                d => self.fill(d, n, f32::NAN)?,
+            }
+        }
+        Ok(t)
+    }
+
+    fn release(&self, buf: CudaTensor) {
+        // Dropping hands the buffer to the pool's free list.
+        drop(buf);
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CudaTensor, KernelError> {
         let n = t.ty.shape.numel();
+        let bad = || {
+            KernelError::new(
+                "upload",
+                format!(
+                    "tensor of type {} holds the wrong kind or number of elements",
+                    t.ty
+                ),
+            )
+        };
+        let err = |e| cuda_err("upload", &t.ty.to_string(), e);
         let data = match &t.data {
-            Data::F32(v) if t.ty.dtype.is_float() && v.len() == n => {
-                let mut s = self.raw::<f32>(n)?;
+            Data::F32(v) if t.ty.dtype == DType::BF16 && v.len() == n => {
+                // Host bf16 tensors hold bf16-representable f32 values, so this is exact.
+                let bits: Vec<u16> = v
+                    .iter()
+                    .map(|&x| half::bf16::from_f32(x).to_bits())
+                    .collect();
+                let mut s = self.pool.take::<u16>(n)?;
                 if n > 0 {
                     self.stream
-                        .memcpy_htod(v.as_slice(), &mut s)
-                        .map_err(|e| cuda_err("upload", &t.ty.to_string(), e))?;
+                        .memcpy_htod(bits.as_slice(), &mut s)
+                        .map_err(err)?;
+                }
+                DevData::BF16(s)
+            }
+            Data::F32(v) if t.ty.dtype.is_float() && t.ty.dtype != DType::NF4 && v.len() == n => {
+                let mut s = self.pool.take::<f32>(n)?;
+                if n > 0 {
+                    self.stream.memcpy_htod(v.as_slice(), &mut s).map_err(err)?;
                 }
                 DevData::F32(s)
             }
             Data::I32(v) if t.ty.dtype == DType::I32 && v.len() == n => {
-                let mut s = self.raw::<i32>(n)?;
+                let mut s = self.pool.take::<i32>(n)?;
                 if n > 0 {
-                    self.stream
-                        .memcpy_htod(v.as_slice(), &mut s)
-                        .map_err(|e| cuda_err("upload", &t.ty.to_string(), e))?;
+                    self.stream.memcpy_htod(v.as_slice(), &mut s).map_err(err)?;
                 }
                 DevData::I32(s)
             }
-            _ => {
-                return Err(KernelError::new(
-                    "upload",
-                    format!(
-                        "tensor of type {} holds the wrong kind or number of elements",
-                        t.ty
-                    ),
-                ))
-            }
+            _ => return Err(bad()),
         };
-        Ok(CudaTensor {
-            ty: t.ty.clone(),
-            data,
-        })
+        Ok(self.tensor(&t.ty, data))
     }
 
     fn download(&self, buf: &CudaTensor) -> Result<HostTensor, KernelError> {
         let n = buf.ty.shape.numel();
-        let data = match &buf.data {
+        let err = |e| cuda_err("download", &buf.ty.to_string(), e);
+        let data = match buf.data() {
             DevData::F32(s) => {
                 let mut v = vec![0.0f32; n];
                 if n > 0 {
                     self.stream
                         .memcpy_dtoh(&s.slice(..n), v.as_mut_slice())
-                        .map_err(|e| cuda_err("download", &buf.ty.to_string(), e))?;
+                        .map_err(err)?;
                 }
                 Data::F32(v)
+            }
+            DevData::BF16(s) => {
+                let mut bits = vec![0u16; n];
+                if n > 0 {
+                    self.stream
+                        .memcpy_dtoh(&s.slice(..n), bits.as_mut_slice())
+                        .map_err(err)?;
+                }
+                // The bits are converted only once the copy has surely landed.
+                self.synchronize()?;
+                Data::F32(
+                    bits.into_iter()
+                        .map(|b| half::bf16::from_bits(b).to_f32())
+                        .collect(),
+                )
             }
             DevData::I32(s) => {
                 let mut v = vec![0i32; n];
                 if n > 0 {
                     self.stream
                         .memcpy_dtoh(&s.slice(..n), v.as_mut_slice())
-                        .map_err(|e| cuda_err("download", &buf.ty.to_string(), e))?;
+                        .map_err(err)?;
                 }
                 Data::I32(v)
             }
