@@ -34,3 +34,5 @@ pub mod control;
 pub use control::{
     control_weight_name, parse_control_weight_name, ControlPass, ControlRole, CONTROL_CLASSES,
 };
+pub mod recompute;
+pub use recompute::{recompute, CheckpointPolicy, RecomputePass, RecomputeStats};
