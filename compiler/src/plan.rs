@@ -302,6 +302,9 @@ pub struct StageReport {
     /// activations.
     #[serde(default)]
     pub device_bytes: u64,
+    /// Kept layer inputs planned in pinned host memory (`activation_offload`).
+    #[serde(default)]
+    pub offloaded_bytes: u64,
 }
 
 /// What `qplc compile` prints and stores: sizes, FLOPs and predicted memory.

@@ -81,6 +81,9 @@ pub struct RecomputeStats {
 
 pub struct RecomputePass {
     pub policy: CheckpointPolicy,
+    /// `activation_offload`: mark the kept layer inputs for host memory (plan only; the
+    /// runtime does not copy them yet, so the device figures still count them).
+    pub offload: bool,
 }
 
 impl Pass for RecomputePass {
@@ -89,6 +92,9 @@ impl Pass for RecomputePass {
     }
     fn run(&self, mut graph: Graph, cx: &mut PassContext) -> anyhow::Result<Graph> {
         let s = recompute(&mut graph, self.policy)?;
+        if self.offload && self.policy != CheckpointPolicy::None {
+            cx.offloaded = layer_inputs_kept_for_backward(&graph);
+        }
         if self.policy != CheckpointPolicy::None {
             cx.notes.push(format!(
                 "activation checkpointing `{}`: {} values of {} decoder layers recomputed \
@@ -241,4 +247,48 @@ fn copy_chain(
         copies.insert(n, c);
     }
     Ok(copies[&v])
+}
+
+/// The values spec §5.5 offloads: each decoder layer's input (the embedding output or the
+/// previous layer's output) where the backward or the recomputation reads it again.
+pub fn layer_inputs_kept_for_backward(graph: &Graph) -> std::collections::BTreeSet<NodeId> {
+    let bound = graph.g.node_bound();
+    let mut forward = vec![false; bound];
+    let mut stack: Vec<NodeId> = graph
+        .outputs
+        .iter()
+        .filter(|(n, _)| !n.starts_with(GRAD_PREFIX))
+        .map(|(_, id)| *id)
+        .collect();
+    while let Some(id) = stack.pop() {
+        if !std::mem::replace(&mut forward[id.index()], true) {
+            stack.extend(graph.operands(id));
+        }
+    }
+    let forward_layer = |id: NodeId| {
+        let n = graph.node(id);
+        (forward[id.index()] && n.block == BlockKind::Decoder && !n.recompute)
+            .then_some(n.layer)
+            .flatten()
+    };
+    graph
+        .g
+        .node_indices()
+        .filter(|&id| {
+            let n = graph.node(id);
+            if !forward[id.index()]
+                || n.recompute
+                || !matches!(n.block, BlockKind::Embedding | BlockKind::Decoder)
+                || matches!(n.op, Op::Input { .. } | Op::Weight { .. })
+            {
+                return false;
+            }
+            let own = forward_layer(id);
+            let users = graph.users(id);
+            let feeds_next = users
+                .iter()
+                .any(|&u| forward_layer(u).is_some_and(|k| Some(k) != own));
+            feeds_next && users.iter().any(|&u| !forward[u.index()] || graph.node(u).recompute)
+        })
+        .collect()
 }

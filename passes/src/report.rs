@@ -15,12 +15,18 @@ pub fn build_report(
     partition: &Partition,
     stages: &[StagePlan],
     seq_len: usize,
+    offloaded: &std::collections::BTreeSet<qplc_compiler::NodeId>,
 ) -> Result<CompileReport, ScheduleError> {
     let stage_reports: Vec<StageReport> = stages
         .iter()
         .map(|s| {
             let peak_live_bytes = live_peak(&executor_live_ranges(graph, partition, s.stage)?);
             let (grad_bytes, optimizer_bytes) = training_state_bytes(graph, s);
+            let offloaded_bytes = offloaded
+                .iter()
+                .filter(|&&id| partition.stage_of(id) == Some(s.stage))
+                .map(|&id| graph.node(id).ty.bytes() as u64)
+                .sum();
             Ok(StageReport {
                 stage: s.stage,
                 layers: s.layers,
@@ -34,10 +40,19 @@ pub fn build_report(
                 grad_bytes,
                 optimizer_bytes,
                 device_bytes: s.weight_bytes + grad_bytes + optimizer_bytes + peak_live_bytes,
+                offloaded_bytes,
             })
         })
         .collect::<Result<_, ScheduleError>>()?;
     let mut notes = partition.notes.clone();
+    if !offloaded.is_empty() {
+        notes.push(format!(
+            "activation_offload: {} layer inputs ({}) planned in host memory; the runtime does \
+             not copy them yet, so the device figures still hold them",
+            offloaded.len(),
+            format_bytes(stage_reports.iter().map(|s| s.offloaded_bytes).sum())
+        ));
+    }
     if stages.iter().any(|s| s.layers.0 == s.layers.1) {
         notes.push(
             "some stages hold no layers (more pipeline stages than pipeline layers)".to_string(),

@@ -57,7 +57,13 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     // Checkpointing after fusion: it copies the kernels that will run, and egg would merge
     // a copy with its original again (passes/src/recompute.rs).
     let policy: CheckpointPolicy = cfg.config.activation_checkpointing.parse()?;
-    passes.insert_before("partition", RecomputePass { policy })?;
+    passes.insert_before(
+        "partition",
+        RecomputePass {
+            policy,
+            offload: cfg.config.activation_offload,
+        },
+    )?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

@@ -223,7 +223,13 @@ fn lora_dropout_masks_matter_so_the_identity_is_not_trivial() {
 fn compile(m: &Model, policy: CheckpointPolicy) -> qplc_compiler::Plan {
     let mut passes = PassManager::standard();
     passes
-        .insert_before("partition", RecomputePass { policy })
+        .insert_before(
+            "partition",
+            RecomputePass {
+                policy,
+                offload: true,
+            },
+        )
         .unwrap();
     let mut cx = PassContext::new(T, 1, "uniform");
     cx.num_layers = Some(m.num_layers);
@@ -256,6 +262,14 @@ fn checkpointing_lowers_the_measured_peak_and_the_report_predicts_it_exactly() {
             assert_eq!(predicted, measured, "{how:?} {policy}");
             assert!(plan.report.stages[0].activation_bytes >= predicted);
             assert!(plan.report.total_device_bytes >= predicted + plan.report.total_weight_bytes);
+            // One offloaded input per layer (the embedding output and layers 0..6's outputs).
+            let offloaded = plan.report.stages[0].offloaded_bytes;
+            let hidden = (T * 64 * 4) as u64;
+            if policy == CheckpointPolicy::None {
+                assert_eq!(offloaded, 0);
+            } else {
+                assert_eq!(offloaded, 8 * hidden, "{how:?} {policy}");
+            }
             peaks.push(measured);
         }
         // 8 layers: keeping one input per layer instead of all of a layer's saved values.
