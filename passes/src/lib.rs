@@ -34,5 +34,6 @@ pub mod control;
 pub use control::{
     control_weight_name, parse_control_weight_name, ControlPass, ControlRole, CONTROL_CLASSES,
 };
+pub mod min_cut;
 pub mod recompute;
 pub use recompute::{recompute, CheckpointPolicy, RecomputePass, RecomputeStats};

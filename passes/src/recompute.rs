@@ -9,10 +9,9 @@
 //! * `layer` (the reference's scheme): only what leaves the layer (its output, the next
 //!   layer's input) is kept; everything else of the layer the backward reads is recomputed
 //!   from the layer input.
-//! * `auto`: additionally keeps the outputs of the expensive ops (products, attention) and
-//!   recomputes the cheap elementwise/norm/rope chains between them — torch.compile's
-//!   partitioner heuristic without its min-cut: a saved value is either an expensive op's
-//!   output or recomputed from the nearest kept values.
+//! * `auto`: never recomputes an expensive op (products, attention, embedding lookups) and,
+//!   per layer, stores the fewest bytes that let the backward recompute everything else
+//!   it reads — a minimum cut, as torch.compile's partitioner computes it (`min_cut`).
 //! * `none`: the pass changes nothing.
 //!
 //! Dropout is recomputed to the same mask by construction: its mask is a function of the
@@ -24,13 +23,14 @@
 //! hash-conses e-nodes, so a copy whose operands are the original's operands (a chain's
 //! first op, reading the layer input) would be merged back into its original.
 use crate::autodiff::GRAD_PREFIX;
+use crate::min_cut::{FlowNetwork, INFINITE};
 use crate::pass::{Pass, PassContext};
 use anyhow::bail;
 use petgraph::visit::{EdgeRef, NodeIndexable};
 use petgraph::Direction;
 use qplc_compiler::{BlockKind, Graph, NodeId, Scope};
 use qplc_ops::Op;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -106,7 +106,7 @@ impl Pass for RecomputePass {
     }
 }
 
-/// Ops whose outputs `auto` keeps: recomputing them costs a product's FLOPs.
+/// Ops `auto` never recomputes: recomputing them costs a product's FLOPs.
 fn expensive(op: &Op) -> bool {
     matches!(
         op,
@@ -147,25 +147,36 @@ pub fn recompute(graph: &mut Graph, policy: CheckpointPolicy) -> anyhow::Result<
         o
     };
     let layer = layer_of_table(graph, &forward);
-    // Kept: leaves its layer (read by forward nodes of another block or layer, or an
-    // output), or an expensive op's output under `auto`.
+    // Kept in every policy: what leaves its layer (read by the forward of another block or
+    // layer, or an output) — the next layer's input, stored anyway.
     let mut kept = vec![false; bound];
-    let mut saved: Vec<NodeId> = Vec::new();
+    let mut read_back = vec![false; bound];
+    let mut members: BTreeMap<usize, Vec<NodeId>> = BTreeMap::new();
     for id in graph.g.node_indices() {
         let Some(k) = layer[id.index()] else {
             continue;
         };
         let users = graph.users(id);
-        let leaves = is_output[id.index()]
+        kept[id.index()] = is_output[id.index()]
             || users
                 .iter()
                 .any(|&u| forward[u.index()] && layer[u.index()] != Some(k));
-        kept[id.index()] =
-            leaves || (policy == CheckpointPolicy::Auto && expensive(&graph.node(id).op));
-        if !kept[id.index()] && users.iter().any(|&u| !forward[u.index()]) {
-            saved.push(id);
+        read_back[id.index()] = users.iter().any(|&u| !forward[u.index()]);
+        members.entry(k).or_default().push(id);
+    }
+    if policy == CheckpointPolicy::Auto {
+        for nodes in members.values() {
+            for id in min_cut_saved(graph, nodes, &kept, &read_back) {
+                kept[id.index()] = true;
+            }
         }
     }
+    let saved: Vec<NodeId> = members
+        .values()
+        .flatten()
+        .copied()
+        .filter(|id| !kept[id.index()] && read_back[id.index()])
+        .collect();
 
     let mut copies: HashMap<NodeId, NodeId> = HashMap::new();
     let mut layers = std::collections::BTreeSet::new();
@@ -191,6 +202,47 @@ pub fn recompute(graph: &mut Graph, policy: CheckpointPolicy) -> anyhow::Result<
     }
     stats.layers = layers.len();
     Ok(stats)
+}
+
+/// `auto` for one layer (`nodes`, its forward values): the cheapest set of values to store
+/// such that everything the backward reads can be recomputed from them, the values kept
+/// anyway and the values from outside the layer, without recomputing an expensive op —
+/// torch.compile's min-cut partitioner. Each value is an edge `in → out` costing its bytes;
+/// expensive ops hang from the source (they must run in the forward); values the backward
+/// reads feed the sink; kept values cost nothing to cut. Source side = computed in the
+/// forward; the cut edges are the values to store.
+fn min_cut_saved(graph: &Graph, nodes: &[NodeId], kept: &[bool], read_back: &[bool]) -> Vec<NodeId> {
+    let slot: HashMap<NodeId, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let (s, t) = (2 * nodes.len(), 2 * nodes.len() + 1);
+    let mut net = FlowNetwork::new(2 * nodes.len() + 2);
+    for (i, &id) in nodes.iter().enumerate() {
+        let (v_in, v_out) = (2 * i, 2 * i + 1);
+        let cost = if kept[id.index()] {
+            0
+        } else {
+            graph.node(id).ty.bytes() as u64
+        };
+        net.add_edge(v_in, v_out, cost);
+        if expensive(&graph.node(id).op) {
+            net.add_edge(s, v_in, INFINITE);
+        }
+        if read_back[id.index()] {
+            net.add_edge(v_out, t, INFINITE);
+        }
+        // Operands from outside the layer are stored anyway: no edge, nothing to pay.
+        for o in graph.operands(id) {
+            if let Some(&j) = slot.get(&o) {
+                net.add_edge(2 * j + 1, v_in, INFINITE);
+            }
+        }
+    }
+    let (_, source_side) = net.min_cut(s, t);
+    nodes
+        .iter()
+        .enumerate()
+        .filter(|&(i, &id)| source_side[2 * i] && !source_side[2 * i + 1] && !kept[id.index()])
+        .map(|(_, &id)| id)
+        .collect()
 }
 
 /// The decoder layer each forward value is computed in (inputs and weights belong to
