@@ -211,7 +211,12 @@ pub fn recompute(graph: &mut Graph, policy: CheckpointPolicy) -> anyhow::Result<
 /// expensive ops hang from the source (they must run in the forward); values the backward
 /// reads feed the sink; kept values cost nothing to cut. Source side = computed in the
 /// forward; the cut edges are the values to store.
-fn min_cut_saved(graph: &Graph, nodes: &[NodeId], kept: &[bool], read_back: &[bool]) -> Vec<NodeId> {
+fn min_cut_saved(
+    graph: &Graph,
+    nodes: &[NodeId],
+    kept: &[bool],
+    read_back: &[bool],
+) -> Vec<NodeId> {
     let slot: HashMap<NodeId, usize> = nodes.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let (s, t) = (2 * nodes.len(), 2 * nodes.len() + 1);
     let mut net = FlowNetwork::new(2 * nodes.len() + 2);
@@ -273,9 +278,8 @@ fn copy_chain(
     layer: &[Option<usize>],
     copies: &mut HashMap<NodeId, NodeId>,
 ) -> anyhow::Result<NodeId> {
-    let source = |id: NodeId| {
-        id.index() >= layer.len() || layer[id.index()] != Some(k) || kept[id.index()]
-    };
+    let source =
+        |id: NodeId| id.index() >= layer.len() || layer[id.index()] != Some(k) || kept[id.index()];
     // Iterative post-order: operands are copied before their users.
     let mut stack = vec![(v, false)];
     while let Some((n, expanded)) = stack.pop() {
@@ -340,7 +344,10 @@ pub fn layer_inputs_kept_for_backward(graph: &Graph) -> std::collections::BTreeS
             let feeds_next = users
                 .iter()
                 .any(|&u| forward_layer(u).is_some_and(|k| Some(k) != own));
-            feeds_next && users.iter().any(|&u| !forward[u.index()] || graph.node(u).recompute)
+            feeds_next
+                && users
+                    .iter()
+                    .any(|&u| !forward[u.index()] || graph.node(u).recompute)
         })
         .collect()
 }

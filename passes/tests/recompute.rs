@@ -7,7 +7,10 @@ use qplc_ops::{DType, Op};
 use qplc_passes::{append_backward, append_loss, recompute, CheckpointPolicy, GRAD_PREFIX};
 
 fn llama(layers: usize) -> Graph {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/llama-gqa/config.json");
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/llama-gqa/config.json"
+    );
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     cfg["num_hidden_layers"] = layers.into();
@@ -61,9 +64,7 @@ fn backward_reads(g: &Graph) -> Vec<(NodeId, bool)> {
             continue;
         };
         let users = g.users(id);
-        let read = users
-            .iter()
-            .any(|&u| !f[u.index()] && !g.node(u).recompute);
+        let read = users.iter().any(|&u| !f[u.index()] && !g.node(u).recompute);
         if read {
             let leaves = users
                 .iter()
@@ -88,7 +89,12 @@ fn layer_policy_leaves_the_backward_reading_only_layer_outputs() {
     assert!(s.recomputed_values > 0 && s.nodes_added >= s.recomputed_values);
     assert_eq!(g.g.node_count(), n0 + s.nodes_added);
     for (id, leaves) in backward_reads(&g) {
-        assert!(leaves, "the backward still reads %{} ({})", id.index(), g.node(id).op.name());
+        assert!(
+            leaves,
+            "the backward still reads %{} ({})",
+            id.index(),
+            g.node(id).op.name()
+        );
     }
 }
 
@@ -116,7 +122,10 @@ fn auto_policy_stores_products_and_recomputes_the_cheap_ops() {
         "a product's output is stored"
     );
     let (auto, none) = (stored_bytes(&g), stored_bytes(&plain));
-    assert!(0 < auto && auto < none, "auto stores {auto} B, none {none} B");
+    assert!(
+        0 < auto && auto < none,
+        "auto stores {auto} B, none {none} B"
+    );
     for id in g.g.node_indices() {
         let op = &g.node(id).op;
         if g.node(id).recompute {
@@ -163,7 +172,10 @@ fn recomputation_runs_in_the_backward_one_layer_after_another() {
     for (p, &id) in order.iter().enumerate() {
         let n = g.node(id);
         if n.recompute {
-            assert!(p > loss, "recompute node at step {p}, before the loss at {loss}");
+            assert!(
+                p > loss,
+                "recompute node at step {p}, before the loss at {loss}"
+            );
             let s = &mut spans[n.layer.unwrap()];
             *s = (s.0.min(p), s.1.max(p));
         }
