@@ -211,6 +211,7 @@ impl Graph {
                 }
             }
         }
+        let any_recompute = !deferred.is_empty() || self.g.node_weights().any(|n| n.recompute);
         let mut order = Vec::with_capacity(self.g.node_count());
         let mut placed = vec![false; self.g.node_bound()];
         let mut available = 0usize;
@@ -234,7 +235,9 @@ impl Graph {
                 break;
             };
             available += 1;
-            self.place_recomputed_operands(id, &mut placed, &mut order);
+            if any_recompute {
+                self.place_recomputed_operands(id, &mut placed, &mut order);
+            }
             placed[id.index()] = true;
             order.push(id);
             for e in self.g.edges_directed(id, Direction::Outgoing) {
