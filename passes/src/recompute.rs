@@ -49,9 +49,7 @@ impl FromStr for CheckpointPolicy {
             "none" => CheckpointPolicy::None,
             "layer" => CheckpointPolicy::Layer,
             "auto" => CheckpointPolicy::Auto,
-            other => bail!(
-                "activation_checkpointing: expected \"none\", \"layer\" or \"auto\", got \"{other}\""
-            ),
+            other => bail!("expected \"none\", \"layer\" or \"auto\", got \"{other}\""),
         })
     }
 }
@@ -84,6 +82,21 @@ pub struct RecomputePass {
     /// `activation_offload`: mark the kept layer inputs for host memory (plan only; the
     /// runtime does not copy them yet, so the device figures still count them).
     pub offload: bool,
+}
+
+impl RecomputePass {
+    /// `activation_checkpointing` and `activation_offload` of a training config.
+    pub fn from_config(cfg: &qplc_compiler::config::LoadedConfig) -> anyhow::Result<Self> {
+        let policy = cfg
+            .config
+            .activation_checkpointing
+            .parse()
+            .map_err(|e| cfg.error("activation_checkpointing", format!("{e}")))?;
+        Ok(RecomputePass {
+            policy,
+            offload: cfg.config.activation_offload,
+        })
+    }
 }
 
 impl Pass for RecomputePass {

@@ -7,8 +7,8 @@ use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
 use qplc_passes::{
-    AutodiffPass, CheckpointPolicy, ControlPass, FullFtPass, FusePass, LoraPass, LossPass,
-    PassContext, PassManager, RecomputePass,
+    AutodiffPass, ControlPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
+    RecomputePass,
 };
 use std::path::{Path, PathBuf};
 
@@ -56,14 +56,7 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     passes.insert_before("partition", FusePass::standard())?;
     // Checkpointing after fusion: it copies the kernels that will run, and egg would merge
     // a copy with its original again (passes/src/recompute.rs).
-    let policy: CheckpointPolicy = cfg.config.activation_checkpointing.parse()?;
-    passes.insert_before(
-        "partition",
-        RecomputePass {
-            policy,
-            offload: cfg.config.activation_offload,
-        },
-    )?;
+    passes.insert_before("partition", RecomputePass::from_config(cfg)?)?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;
