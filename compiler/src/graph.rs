@@ -51,6 +51,11 @@ pub struct Node {
     /// For weights: whether the optimiser updates it (set by adapter passes).
     #[serde(default)]
     pub trainable: bool,
+    /// Set by the `recompute` pass on the copies of forward values that a layer's backward
+    /// recomputes: [`Graph::topo_order`] runs such a node as late as possible, just before
+    /// its first reader, or the copy would live as long as the value it replaces.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub recompute: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +148,7 @@ impl Graph {
             block: scope.block,
             layer: scope.layer,
             trainable: false,
+            recompute: false,
         });
         for (i, &o) in operands.iter().enumerate() {
             self.g.add_edge(o, id, i);
@@ -181,31 +187,72 @@ impl Graph {
         u
     }
 
-    /// A deterministic topological order: Kahn's algorithm taking the smallest ready index.
+    /// A deterministic topological order: Kahn's algorithm taking the smallest ready index,
+    /// except that `recompute` nodes run on demand: each is placed just before the first
+    /// other node that reads it (directly or through other recompute nodes), and those
+    /// nobody else reads come last. Without recompute nodes this is plain Kahn's order.
     pub fn topo_order(&self) -> Result<Vec<NodeId>, GraphError> {
+        use petgraph::visit::NodeIndexable;
         use std::cmp::Reverse;
         use std::collections::{BinaryHeap, HashMap};
         let mut indeg: HashMap<NodeId, usize> = HashMap::new();
         let mut ready = BinaryHeap::new();
+        // Recompute nodes whose operands are all available: they count as available to
+        // their users without being placed yet.
+        let mut deferred: Vec<NodeId> = Vec::new();
         for id in self.g.node_indices() {
             let d = self.g.edges_directed(id, Direction::Incoming).count();
             indeg.insert(id, d);
             if d == 0 {
-                ready.push(Reverse(id));
+                if self.g[id].recompute {
+                    deferred.push(id);
+                } else {
+                    ready.push(Reverse(id));
+                }
             }
         }
+        let any_recompute = !deferred.is_empty() || self.g.node_weights().any(|n| n.recompute);
         let mut order = Vec::with_capacity(self.g.node_count());
-        while let Some(Reverse(id)) = ready.pop() {
+        let mut placed = vec![false; self.g.node_bound()];
+        let mut available = 0usize;
+        loop {
+            // Make deferred nodes available, releasing their users.
+            while let Some(id) = deferred.pop() {
+                available += 1;
+                for e in self.g.edges_directed(id, Direction::Outgoing) {
+                    let d = indeg.get_mut(&e.target()).expect("node in graph");
+                    *d -= 1;
+                    if *d == 0 {
+                        if self.g[e.target()].recompute {
+                            deferred.push(e.target());
+                        } else {
+                            ready.push(Reverse(e.target()));
+                        }
+                    }
+                }
+            }
+            let Some(Reverse(id)) = ready.pop() else {
+                break;
+            };
+            available += 1;
+            if any_recompute {
+                self.place_recomputed_operands(id, &mut placed, &mut order);
+            }
+            placed[id.index()] = true;
             order.push(id);
             for e in self.g.edges_directed(id, Direction::Outgoing) {
                 let d = indeg.get_mut(&e.target()).expect("node in graph");
                 *d -= 1;
                 if *d == 0 {
-                    ready.push(Reverse(e.target()));
+                    if self.g[e.target()].recompute {
+                        deferred.push(e.target());
+                    } else {
+                        ready.push(Reverse(e.target()));
+                    }
                 }
             }
         }
-        if order.len() != self.g.node_count() {
+        if available != self.g.node_count() {
             let stuck = indeg
                 .into_iter()
                 .filter(|(_, d)| *d > 0)
@@ -214,7 +261,43 @@ impl Graph {
                 .expect("some node is stuck");
             return Err(GraphError::Cycle(stuck));
         }
+        // Recompute nodes only outputs (or nothing) read.
+        for id in self.g.node_indices() {
+            if self.g[id].recompute && !placed[id.index()] {
+                self.place_recomputed_operands(id, &mut placed, &mut order);
+                placed[id.index()] = true;
+                order.push(id);
+            }
+        }
         Ok(order)
+    }
+
+    /// Appends the not yet placed recompute nodes `id` depends on, operands before users.
+    /// Every non-recompute node among them is placed already (the caller's invariant).
+    fn place_recomputed_operands(&self, id: NodeId, placed: &mut [bool], order: &mut Vec<NodeId>) {
+        // Iterative post-order DFS: layers can hold long recompute chains.
+        let mut stack: Vec<(NodeId, bool)> = self
+            .operands(id)
+            .into_iter()
+            .rev()
+            .map(|o| (o, false))
+            .collect();
+        while let Some((n, expanded)) = stack.pop() {
+            if placed[n.index()] || !self.g[n].recompute {
+                continue;
+            }
+            if expanded {
+                placed[n.index()] = true;
+                order.push(n);
+                continue;
+            }
+            stack.push((n, true));
+            for o in self.operands(n).into_iter().rev() {
+                if !placed[o.index()] && self.g[o].recompute {
+                    stack.push((o, false));
+                }
+            }
+        }
     }
 
     pub fn set_output(&mut self, name: &str, id: NodeId) {

@@ -287,6 +287,24 @@ pub struct StageReport {
     pub weight_bytes: u64,
     pub activation_bytes: u64,
     pub flops: u64,
+    /// Peak of live activation bytes when values are allocated as written and freed after
+    /// their last reader, in the executor's order (what `RunStats::peak_activation_bytes`
+    /// measures; `activation_bytes` is the aligned arena, at least this).
+    #[serde(default)]
+    pub peak_live_bytes: u64,
+    /// Gradient buffers of the trainable weights (parameter dtype, spec §3.4).
+    #[serde(default)]
+    pub grad_bytes: u64,
+    /// Adam state: m and v, plus the Kahan buffer of bf16/f16 parameters (parameter dtype).
+    #[serde(default)]
+    pub optimizer_bytes: u64,
+    /// What the device holds at its peak: weights + grads + optimizer state + live
+    /// activations.
+    #[serde(default)]
+    pub device_bytes: u64,
+    /// Kept layer inputs planned in pinned host memory (`activation_offload`).
+    #[serde(default)]
+    pub offloaded_bytes: u64,
 }
 
 /// What `qplc compile` prints and stores: sizes, FLOPs and predicted memory.
@@ -303,6 +321,9 @@ pub struct CompileReport {
     /// Sum over stages (a tied weight on two stages is counted twice: both hold a copy).
     pub total_weight_bytes: u64,
     pub total_activation_bytes: u64,
+    /// Sum of the stages' `device_bytes`.
+    #[serde(default)]
+    pub total_device_bytes: u64,
     pub notes: Vec<String>,
 }
 

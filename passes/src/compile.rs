@@ -33,7 +33,7 @@ pub fn assemble_plan(
         .stages
         .clone()
         .context("no schedule: the `schedule` pass did not run")?;
-    let mut report = build_report(&graph, &partition, &stages, cx.seq_len);
+    let mut report = build_report(&graph, &partition, &stages, cx.seq_len, &cx.offloaded)?;
     report.notes.extend(cx.notes.iter().cloned());
     Ok(Plan {
         format_version: PLAN_FORMAT_VERSION,

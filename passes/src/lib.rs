@@ -36,3 +36,6 @@ pub use control::{
 };
 pub mod simplify;
 pub use simplify::{simplify, SimplifyPass, SimplifyStats};
+pub mod min_cut;
+pub mod recompute;
+pub use recompute::{recompute, CheckpointPolicy, RecomputePass, RecomputeStats};

@@ -84,9 +84,41 @@ pub fn assign_offsets(ranges: &[LiveRange], alignment: u64) -> (Vec<u64>, u64) {
     (offsets, peak)
 }
 
+/// The largest sum of the sizes of ranges live at one step: what a runtime holds at its
+/// worst when it allocates each value as it is written and frees it after its last reader
+/// (the executor's `RunStats::peak_activation_bytes`) — no alignment, no fragmentation,
+/// so it is a lower bound of any arena `assign_offsets` can give.
+pub fn live_peak(ranges: &[LiveRange]) -> u64 {
+    let Some(end) = ranges.iter().map(|r| r.last.max(r.first)).max() else {
+        return 0;
+    };
+    // Size enters at `first`, leaves after `last`.
+    let mut delta = vec![0i128; end + 2];
+    for r in ranges {
+        delta[r.first] += r.size as i128;
+        delta[r.last.max(r.first) + 1] -= r.size as i128;
+    }
+    let (mut live, mut peak) = (0i128, 0i128);
+    for d in delta {
+        live += d;
+        peak = peak.max(live);
+    }
+    peak as u64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_peak_sums_only_what_overlaps() {
+        let mk = |first, last, size| LiveRange { first, last, size };
+        assert_eq!(live_peak(&[]), 0);
+        // 100 and 10 overlap at step 1; 1000 starts after 100 died.
+        let r = [mk(0, 1, 100), mk(1, 3, 10), mk(2, 2, 1000)];
+        assert_eq!(live_peak(&r), 1010);
+        assert_eq!(live_peak(&[mk(0, 0, 7), mk(0, 0, 5)]), 12);
+    }
 
     fn xorshift(seed: &mut u64) -> u64 {
         *seed ^= *seed << 13;

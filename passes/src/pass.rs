@@ -30,6 +30,9 @@ pub struct PassContext {
     pub stages: Option<Vec<StagePlan>>,
     /// Remarks any pass wants in the report.
     pub notes: Vec<String>,
+    /// Left by the `recompute` pass with `activation_offload`: kept values planned in host
+    /// memory between their forward and backward use (spec §5.5).
+    pub offloaded: std::collections::BTreeSet<qplc_compiler::NodeId>,
 }
 
 impl PassContext {
@@ -43,6 +46,7 @@ impl PassContext {
             partition: None,
             stages: None,
             notes: Vec::new(),
+            offloaded: Default::default(),
         }
     }
 }

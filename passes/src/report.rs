@@ -1,8 +1,11 @@
 //! The compile report: what `qplc compile` prints before any GPU is touched — model size,
 //! FLOPs, and the weight and activation memory each stage is predicted to need (DESIGN
 //! "The flow": `qplc run` must come within a few percent of these figures).
+use crate::memory::live_peak;
+use crate::schedule::{executor_live_ranges, ScheduleError};
 use qplc_compiler::dump::format_count;
 use qplc_compiler::{CompileReport, Graph, Partition, StagePlan, StageReport};
+use qplc_ops::DType;
 use std::fmt::Write;
 
 /// Summarises a partitioned, scheduled graph. `seq_len` is the static sequence length the
@@ -12,27 +15,50 @@ pub fn build_report(
     partition: &Partition,
     stages: &[StagePlan],
     seq_len: usize,
-) -> CompileReport {
+    offloaded: &std::collections::BTreeSet<qplc_compiler::NodeId>,
+) -> Result<CompileReport, ScheduleError> {
     let stage_reports: Vec<StageReport> = stages
         .iter()
-        .map(|s| StageReport {
-            stage: s.stage,
-            layers: s.layers,
-            layer_names: layer_names(partition, s.layers),
-            params: s.params,
-            trainable_params: s.trainable_params,
-            weight_bytes: s.weight_bytes,
-            activation_bytes: s.arena_bytes,
-            flops: s.flops,
+        .map(|s| {
+            let peak_live_bytes = live_peak(&executor_live_ranges(graph, partition, s.stage)?);
+            let (grad_bytes, optimizer_bytes) = training_state_bytes(graph, s);
+            let offloaded_bytes = offloaded
+                .iter()
+                .filter(|&&id| partition.stage_of(id) == Some(s.stage))
+                .map(|&id| graph.node(id).ty.bytes() as u64)
+                .sum();
+            Ok(StageReport {
+                stage: s.stage,
+                layers: s.layers,
+                layer_names: layer_names(partition, s.layers),
+                params: s.params,
+                trainable_params: s.trainable_params,
+                weight_bytes: s.weight_bytes,
+                activation_bytes: s.arena_bytes,
+                flops: s.flops,
+                peak_live_bytes,
+                grad_bytes,
+                optimizer_bytes,
+                device_bytes: s.weight_bytes + grad_bytes + optimizer_bytes + peak_live_bytes,
+                offloaded_bytes,
+            })
         })
-        .collect();
+        .collect::<Result<_, ScheduleError>>()?;
     let mut notes = partition.notes.clone();
+    if !offloaded.is_empty() {
+        notes.push(format!(
+            "activation_offload: {} layer inputs ({}) planned in host memory; the runtime does \
+             not copy them yet, so the device figures still hold them",
+            offloaded.len(),
+            format_bytes(stage_reports.iter().map(|s| s.offloaded_bytes).sum())
+        ));
+    }
     if stages.iter().any(|s| s.layers.0 == s.layers.1) {
         notes.push(
             "some stages hold no layers (more pipeline stages than pipeline layers)".to_string(),
         );
     }
-    CompileReport {
+    Ok(CompileReport {
         seq_len,
         total_params: graph.param_count(),
         trainable_params: graph.trainable_param_count(),
@@ -40,9 +66,29 @@ pub fn build_report(
         partition_method: partition.method.clone(),
         total_weight_bytes: stage_reports.iter().map(|s| s.weight_bytes).sum(),
         total_activation_bytes: stage_reports.iter().map(|s| s.activation_bytes).sum(),
+        total_device_bytes: stage_reports.iter().map(|s| s.device_bytes).sum(),
         stages: stage_reports,
         notes,
+    })
+}
+
+/// Bytes of the trainable weights' gradient buffers and of their Adam state on a stage:
+/// gradients and m, v in the parameter dtype (spec §3.4: no mixed-precision wrapper), plus
+/// a Kahan compensation buffer for bf16/f16 parameters (runtime/src/train/adam.rs).
+fn training_state_bytes(graph: &Graph, stage: &StagePlan) -> (u64, u64) {
+    let mut grads = 0u64;
+    let mut state = 0u64;
+    for &w in &stage.weights {
+        let n = graph.node(w);
+        if !n.trainable {
+            continue;
+        }
+        let b = n.ty.bytes() as u64;
+        grads += b;
+        let kahan = matches!(n.ty.dtype, DType::BF16 | DType::F16);
+        state += b * if kahan { 3 } else { 2 };
     }
+    (grads, state)
 }
 
 /// `PrepareInputs … DecoderLayer 7` for a layer range; `(none)` when empty.
@@ -185,6 +231,16 @@ pub fn render_text(r: &CompileReport) -> String {
         format_bytes(r.total_weight_bytes),
         format_bytes(r.total_activation_bytes),
         format_bytes(r.total_weight_bytes + r.total_activation_bytes)
+    );
+    let sum = |f: fn(&qplc_compiler::StageReport) -> u64| r.stages.iter().map(f).sum::<u64>();
+    let _ = writeln!(
+        out,
+        "predicted device peak: {} weights + {} grads + {} Adam state + {} live activations = {}",
+        format_bytes(r.total_weight_bytes),
+        format_bytes(sum(|s| s.grad_bytes)),
+        format_bytes(sum(|s| s.optimizer_bytes)),
+        format_bytes(sum(|s| s.peak_live_bytes)),
+        format_bytes(r.total_device_bytes)
     );
     for n in &r.notes {
         let _ = writeln!(out, "note: {n}");

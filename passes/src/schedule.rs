@@ -49,6 +49,76 @@ pub fn schedule(
         .collect()
 }
 
+/// The live ranges of one stage's values as the executor (runtime/src/executor.rs) holds
+/// them: only the values the graph's outputs need run, in `Graph::topo_order`; an input
+/// lives from its own step (it is uploaded there), a value arriving from another stage from
+/// step 0; a value lives until its last reader on the stage, or to the end when it is an
+/// output or is sent. Weights are the caller's and not counted. Sizes are the values' own,
+/// unaligned, as `RunStats::peak_activation_bytes` counts them.
+pub fn executor_live_ranges(
+    graph: &Graph,
+    partition: &Partition,
+    stage: usize,
+) -> Result<Vec<LiveRange>, ScheduleError> {
+    use petgraph::visit::NodeIndexable;
+    let mut needed = vec![false; graph.g.node_bound()];
+    let mut stack: Vec<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    while let Some(id) = stack.pop() {
+        if !std::mem::replace(&mut needed[id.index()], true) {
+            stack.extend(graph.operands(id));
+        }
+    }
+    let on_stage = |id: NodeId| partition.stage_of(id) == Some(stage);
+    let order: Vec<NodeId> = graph
+        .topo_order()?
+        .into_iter()
+        .filter(|&id| {
+            needed[id.index()] && on_stage(id) && !matches!(graph.node(id).op, Op::Weight { .. })
+        })
+        .collect();
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    let outputs: BTreeSet<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    let end = order.len();
+    let last = |id: NodeId, first: usize| {
+        let leaves = outputs.contains(&id)
+            || graph
+                .users(id)
+                .iter()
+                .any(|&u| needed[u.index()] && !on_stage(u));
+        if leaves {
+            return end;
+        }
+        graph
+            .users(id)
+            .iter()
+            .filter_map(|u| pos.get(u).copied())
+            .max()
+            .unwrap_or(first)
+    };
+    let mut arriving = BTreeSet::new();
+    for &id in &order {
+        for o in graph.operands(id) {
+            if !pos.contains_key(&o) && !matches!(graph.node(o).op, Op::Weight { .. }) {
+                arriving.insert(o);
+            }
+        }
+    }
+    let size = |id: NodeId| graph.node(id).ty.bytes() as u64;
+    Ok(arriving
+        .iter()
+        .map(|&id| LiveRange {
+            first: 0,
+            last: last(id, 0),
+            size: size(id),
+        })
+        .chain(order.iter().enumerate().map(|(i, &id)| LiveRange {
+            first: i,
+            last: last(id, i),
+            size: size(id),
+        }))
+        .collect())
+}
+
 fn stage_plan(
     graph: &Graph,
     partition: &Partition,

@@ -9,6 +9,7 @@ use qplc_ops::DType;
 use qplc_passes::{
     AutodiffPass, ControlPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
     SimplifyPass,
+    RecomputePass,
 };
 use std::path::{Path, PathBuf};
 
@@ -55,6 +56,9 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     // After autodiff (DESIGN "The flow"), so the rules fuse the loss's backward too.
     passes.insert_before("partition", FusePass::standard())?;
     passes.insert_before("partition", SimplifyPass)?;
+    // Checkpointing after fusion: it copies the kernels that will run, and egg would merge
+    // a copy with its original again (passes/src/recompute.rs).
+    passes.insert_before("partition", RecomputePass::from_config(cfg)?)?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

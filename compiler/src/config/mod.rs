@@ -11,6 +11,9 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+/// The values of `activation_checkpointing`.
+pub const CHECKPOINTING_POLICIES: [&str; 3] = ["none", "layer", "auto"];
+
 /// Training mode, by the precedence of spec §1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -80,6 +83,17 @@ pub struct TrainConfig {
     pub partition_method: toml::Value,
     #[serde(default)]
     pub use_column_major_topology: bool,
+    /// qplc extension (spec §5.5 has no key: the reference always checkpoints each decoder
+    /// layer): `"layer"` keeps only each decoder layer's input for the backward and
+    /// recomputes the rest, `"auto"` also keeps the outputs of expensive ops (products,
+    /// attention), `"none"` keeps everything the backward reads.
+    #[serde(default = "default_checkpointing")]
+    pub activation_checkpointing: String,
+    /// qplc extension: plan the kept layer inputs in pinned host memory (spec §5.5's
+    /// "offloaded" scheme); the reference always offloads, qplc keeps them on the device
+    /// unless asked.
+    #[serde(default)]
+    pub activation_offload: bool,
 
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
@@ -131,6 +145,9 @@ fn default_stages() -> i64 {
 }
 fn default_partition() -> toml::Value {
     toml::Value::String("uniform".into())
+}
+fn default_checkpointing() -> String {
+    "layer".into()
 }
 fn default_eval_fraction() -> f64 {
     0.01
@@ -368,6 +385,15 @@ impl LoadedConfig {
                     format!("must be a string, got {}", other.type_str()),
                 ))
             }
+        }
+        if !CHECKPOINTING_POLICIES.contains(&c.activation_checkpointing.as_str()) {
+            return Err(self.error(
+                "activation_checkpointing",
+                format!(
+                    "must be \"none\", \"layer\" or \"auto\", got \"{}\"",
+                    c.activation_checkpointing
+                ),
+            ));
         }
         if let Some(sel) = &c.layers_to_transform {
             sel.layers()

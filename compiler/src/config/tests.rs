@@ -165,3 +165,22 @@ fn defaults_match_the_reference() {
     assert_eq!(c.control_adapter_gamma, 0.5);
     assert_eq!(c.datasets[0].control_class, 1);
 }
+
+#[test]
+fn activation_checkpointing_defaults_to_per_layer_and_rejects_other_values() {
+    let c = load("").unwrap();
+    assert_eq!(c.config.activation_checkpointing, "layer");
+    assert!(!c.config.activation_offload);
+    for ok in CHECKPOINTING_POLICIES {
+        assert!(load(&format!("activation_checkpointing = \"{ok}\"")).is_ok());
+    }
+    let e = load("activation_checkpointing = \"every\"").unwrap_err();
+    assert_eq!(e.key.as_deref(), Some("activation_checkpointing"));
+    assert_eq!(e.line, Some(1));
+    assert!(
+        e.to_string()
+            .starts_with("cfg.toml:1: `activation_checkpointing`: must be \"none\", \"layer\""),
+        "{e}"
+    );
+    assert!(load("activation_offload = true").is_ok());
+}
