@@ -11,6 +11,7 @@
 //! bf16/f16 result once (`round_storage`). Both backends therefore compute the same
 //! function and can be compared op by op (`check`); bf16 storage and tensor-core products
 //! are the next step (notes/CUDA.md).
+pub mod adam;
 pub mod check;
 mod dispatch;
 mod launch;
