@@ -4,6 +4,7 @@ use super::counting::Counting;
 use super::graph::BenchGraph;
 use super::random::{host_tensor, tensor_seed, Init};
 use super::step::{forward_backward, time_steps, Measured, Weights};
+use crate::backend::Backend;
 use crate::executor::Program;
 use crate::train::adam::{AdamHyper, AdamState};
 use crate::{CpuBackend, HostTensor};

@@ -97,7 +97,9 @@ pub fn build(
         Err(e) if gc && e.to_string().contains("activation_checkpointing") => bail!(
             "--gc needs the recompute pass, which this qplc does not have (no `activation_checkpointing` config key): {e}"
         ),
-        Err(e) => return Err(e).context("the generated benchmark config"),
+        Err(e) => {
+            return Err(e).context("the benchmark's config, made from --seq, --rank and --mode")
+        }
     };
     let out = compile(
         &cfg,

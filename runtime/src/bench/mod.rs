@@ -99,17 +99,22 @@ impl BenchReport {
     /// The human-readable summary.
     pub fn text(&self) -> String {
         let used = match self.device_used_gib {
-            Some(g) => format!(", device used {g:.2} GiB (driver)"),
+            Some(g) => {
+                format!("; device used {g:.2} GiB (driver: total - free, incl. context and pool)")
+            }
             None => String::new(),
         };
+        let mode = match self.mode {
+            Mode::Lora => "lora",
+            Mode::Full => "full",
+        };
         format!(
-            "bench {model} {mode:?} seq {seq}{gc} on {device} ({backend})\n\
-             params {n} ({nb:.3} B base), trainable {t}\n\
-             step {step:.4} s, {tok:.0} tok/s, MFU {mfu:.3} (4N/6N per token, 989 TFLOP/s), {mfub:.3} (peft_baseline.py's FLOPs)\n\
-             peak {peak:.2} GiB live buffers{used}\n\
+            "bench {model} {mode} seq {seq}{gc} on {device} ({backend})\n\
+             params {n} base ({nb:.3} B), trainable {t}\n\
+             step {step:.4} s, {tok:.0} tok/s, MFU {mfu:.4} (4N/6N per token, 989 TFLOP/s), {mfub:.4} by peft_baseline.py's FLOPs\n\
+             peak {peak} of live buffers (weights, Adam state, activations){used}\n\
              loss {loss:.4} (last step); compile {c:.1} s, setup {s:.1} s\n",
             model = self.model,
-            mode = self.mode,
             seq = self.seq,
             gc = if self.gc { " gc" } else { "" },
             device = self.device,
@@ -121,7 +126,7 @@ impl BenchReport {
             tok = self.tok_s,
             mfu = self.mfu,
             mfub = self.mfu_vs_989,
-            peak = self.peak_gib,
+            peak = human_bytes(self.peak_bytes),
             loss = self.loss,
             c = self.compile_s,
             s = self.setup_s,
@@ -134,6 +139,15 @@ impl BenchReport {
             "RESULT {}",
             serde_json::to_string(self).expect("the report serialises")
         )
+    }
+}
+
+/// `12.34 GiB`, or MiB below one GiB (the tiny shape).
+fn human_bytes(b: usize) -> String {
+    if b as f64 >= GIB {
+        format!("{:.2} GiB", b as f64 / GIB)
+    } else {
+        format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
     }
 }
 
