@@ -133,3 +133,39 @@ fn bench_refuses_an_unknown_shape() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown shape `gpt-5`"), "{err}");
 }
+
+#[test]
+fn bench_takes_the_shape_of_a_model_folder() {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/llama-gqa");
+    let out = qplc(&[
+        "bench",
+        "--model",
+        model,
+        "--backend",
+        "cpu",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--seq",
+        "64",
+        "--rank",
+        "4",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap();
+    let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    // The fixture has the tiny shape's layout; rank 4 is a quarter of rank 16's adapters.
+    assert_eq!(r["params"], 139584);
+    assert_eq!(r["trainable"], 8192);
+    assert!(r["loss"].as_f64().unwrap().is_finite());
+}
