@@ -4,6 +4,7 @@ use super::counting::Counting;
 use super::graph::BenchGraph;
 use super::random::{host_tensor, tensor_seed, Init};
 use super::step::{forward_backward, time_steps, Measured, Weights};
+use super::BenchOptions;
 use crate::backend::Backend;
 use crate::executor::Program;
 use crate::train::adam::{AdamHyper, AdamState};
@@ -21,11 +22,15 @@ pub fn run(
     g: &BenchGraph,
     prog: &Program,
     inputs: &HashMap<String, HostTensor>,
-    seed: u64,
-    lr: f64,
-    warmup: usize,
-    steps: usize,
+    opts: &BenchOptions,
 ) -> Result<Measured> {
+    let BenchOptions {
+        seed,
+        lr,
+        warmup,
+        steps,
+        ..
+    } = *opts;
     let t0 = Instant::now();
     let cpu = CpuBackend::new();
     let be = Counting::new(&cpu, host_bytes);

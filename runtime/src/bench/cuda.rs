@@ -4,6 +4,7 @@ use super::counting::Counting;
 use super::graph::BenchGraph;
 use super::random::{tensor_seed, Init};
 use super::step::{forward_backward, time_steps, Measured, Weights};
+use super::BenchOptions;
 use crate::backend::Backend;
 use crate::cuda::adam::{device_memory, storage_bytes, DeviceAdam, TrainKernels};
 use crate::cuda::{CudaBackend, CudaTensor};
@@ -34,17 +35,20 @@ fn device_tensor(
     Ok(t)
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn run(
     ordinal: usize,
     g: &BenchGraph,
     prog: &Program,
     inputs: &HashMap<String, HostTensor>,
-    seed: u64,
-    lr: f64,
-    warmup: usize,
-    steps: usize,
+    opts: &BenchOptions,
 ) -> Result<Measured> {
+    let BenchOptions {
+        seed,
+        lr,
+        warmup,
+        steps,
+        ..
+    } = *opts;
     let t0 = Instant::now();
     let gpu = CudaBackend::new(ordinal)?;
     let be = Counting::new(&gpu, storage_bytes);

@@ -3,11 +3,12 @@
 //! config.json in a scratch folder: whatever `qplc run` would train, `qplc bench` times.
 use super::flops::Mode;
 use super::shapes::ModelShape;
+use super::BenchOptions;
 use crate::compile::{compile, CompileOptions};
 use anyhow::{bail, Context, Result};
 use qplc_compiler::config::LoadedConfig;
 use qplc_compiler::Graph;
-use qplc_ops::{DType, Op, TensorType};
+use qplc_ops::{Op, TensorType};
 use qplc_passes::parse_lora_weight_name;
 use std::path::{Path, PathBuf};
 
@@ -55,22 +56,23 @@ pub fn config_toml(mode: Mode, seq: usize, rank: usize, lr: f64, gc: bool) -> St
     t
 }
 
-/// Writes the model's config.json and the TOML into `dir`, compiles in `dtype`, and returns
-/// the plan's graph.
-pub fn build(
-    source: &ModelSource,
-    mode: Mode,
-    seq: usize,
-    rank: usize,
-    lr: f64,
-    gc: bool,
-    dtype: DType,
-    dir: &Path,
-) -> Result<BenchGraph> {
+/// Writes the model's config.json and the TOML into `dir`, compiles in `opts.dtype`, and
+/// returns the plan's graph.
+pub fn build(opts: &BenchOptions, dir: &Path) -> Result<BenchGraph> {
     let model_dir = dir.join("model");
     std::fs::create_dir_all(&model_dir)
         .with_context(|| format!("cannot create `{}`", model_dir.display()))?;
-    let (config, model) = match source {
+    let BenchOptions {
+        source,
+        mode,
+        seq,
+        rank,
+        lr,
+        gc,
+        dtype,
+        ..
+    } = opts.clone();
+    let (config, model) = match &source {
         ModelSource::Shape(s) => (s.config_json(seq), s.name.to_string()),
         ModelSource::Dir(d) => {
             let p = d.join("config.json");

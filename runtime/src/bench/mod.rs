@@ -186,16 +186,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     }
     let t0 = Instant::now();
     let dir = scratch_dir()?;
-    let built = graph::build(
-        &opts.source,
-        opts.mode,
-        opts.seq,
-        opts.rank,
-        opts.lr,
-        opts.gc,
-        opts.dtype,
-        &dir,
-    );
+    let built = graph::build(opts, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     let g = built?;
     let mut outputs = vec!["loss".to_string()];
@@ -209,11 +200,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
     let compile_s = t0.elapsed().as_secs_f64();
 
     let m = match opts.backend {
-        BackendChoice::Cpu => cpu::run(&g, &prog, &inputs, opts.seed, opts.lr, opts.warmup, opts.steps)?,
+        BackendChoice::Cpu => cpu::run(&g, &prog, &inputs, opts)?,
         #[cfg(feature = "cuda")]
-        BackendChoice::Cuda(ordinal) => cuda::run(
-            ordinal, &g, &prog, &inputs, opts.seed, opts.lr, opts.warmup, opts.steps,
-        )?,
+        BackendChoice::Cuda(ordinal) => cuda::run(ordinal, &g, &prog, &inputs, opts)?,
         #[cfg(not(feature = "cuda"))]
         BackendChoice::Cuda(_) => bail!(
             "--backend cuda: this qplc was built without the `cuda` feature (cargo build --release --features cuda)"

@@ -245,6 +245,9 @@ struct TensorState {
     kahan: Option<StateBuf>,
 }
 
+/// One tensor's `(m, v, kahan)` on the host, as f32.
+pub type HostState = (Vec<f32>, Vec<f32>, Option<Vec<f32>>);
+
 /// Adam over a fixed list of device tensors: the state, and the tensor table that
 /// `adam_multi` reads, built once. Parameters and gradients are passed to every
 /// [`DeviceAdam::step`] (gradients are fresh buffers each step); only their addresses travel.
@@ -426,12 +429,7 @@ impl DeviceAdam {
     }
 
     /// `(m, v, kahan)` of tensor `i`, as f32 (for checks).
-    #[allow(clippy::type_complexity)]
-    pub fn state_host(
-        &self,
-        gpu: &CudaBackend,
-        i: usize,
-    ) -> Result<(Vec<f32>, Vec<f32>, Option<Vec<f32>>), KernelError> {
+    pub fn state_host(&self, gpu: &CudaBackend, i: usize) -> Result<HostState, KernelError> {
         let t = &self.tensors[i];
         Ok((
             t.m.download(gpu, t.numel, t.kind)?,
@@ -521,7 +519,7 @@ fn adam_case(gpu: &CudaBackend, dtype: DType, seed: u64) -> Result<(f64, f64), K
         .iter()
         .map(|t| gpu.upload(t))
         .collect::<Result<_, _>>()?;
-    let mut state: Vec<(Vec<f32>, Vec<f32>, Option<Vec<f32>>)> = sizes
+    let mut state: Vec<HostState> = sizes
         .iter()
         .map(|&n| {
             let low = dtype != DType::F32;
