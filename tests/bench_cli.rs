@@ -55,6 +55,21 @@ fn bench_tiny_lora_on_cpu_prints_a_finite_loss_and_throughput() {
     let lora = 16 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 128) + (128 + 64));
     assert_eq!(r["trainable"], 2 * lora);
     assert!(r["peak_bytes"].as_u64().unwrap() > 4 * r["params"].as_u64().unwrap());
+    // peft_baseline.py's RESULT keys, so the two lines can be read by one script.
+    for key in [
+        "model",
+        "mode",
+        "seq",
+        "gc",
+        "params_B",
+        "step_s",
+        "tok_s",
+        "peak_GiB",
+        "mfu_vs_989",
+        "loss",
+    ] {
+        assert!(r.get(key).is_some(), "RESULT lacks `{key}`: {line}");
+    }
 }
 
 #[test]

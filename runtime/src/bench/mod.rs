@@ -73,6 +73,7 @@ pub struct BenchReport {
     pub device: String,
     /// Base-model parameters N.
     pub params: u64,
+    #[serde(rename = "params_B")]
     pub params_b: f64,
     pub trainable: u64,
     pub step_s: f64,
@@ -84,9 +85,11 @@ pub struct BenchReport {
     pub mfu_vs_989: f64,
     /// Peak bytes of live buffers: weights + optimiser state + the executor's buffers.
     pub peak_bytes: usize,
+    #[serde(rename = "peak_GiB")]
     pub peak_gib: f64,
     /// Device-wide used memory (driver total − free), highest seen after a step's
     /// forward/backward; includes the CUDA context, cuBLAS workspace and pool slack.
+    #[serde(rename = "device_used_GiB")]
     pub device_used_gib: Option<f64>,
     pub loss: f64,
     pub compile_s: f64,

@@ -7,8 +7,9 @@
 //! points; the kernel uses `__fmul_rn`/`__fadd_rn` so that no multiply-add is contracted into
 //! an FMA the host never does. [`adam_checks`] compares the two on random tensors.
 //!
-//! Storage: a tensor's bytes are read through [`raw_ptr`], the one place that matches on
-//! `DevData`; a bf16-storage variant only needs one more arm there. Optimiser state is kept
+//! Storage: [`raw_ptr`] and [`storage_bytes`] are the only matches on `DevData` here; a
+//! bf16-storage variant (`DevData::BF16(CudaSlice<u16>)`) needs one more arm in each
+//! (`StorageKind::Bf16`, 2 bytes), nothing else. Optimiser state is kept
 //! in the parameter's dtype (`ParamState`): f32 for f32 parameters, bf16/f16 bit patterns
 //! for bf16/f16 ones (exact: every state value is rounded to that dtype anyway).
 use super::check::CheckRow;
