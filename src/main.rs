@@ -28,6 +28,7 @@ enum Command {
     Run(cmd::run::Args),
     Data(cmd::data::Args),
     Score(cmd::score::Args),
+    Bench(cmd::bench::Args),
     Generate(cmd::generate::Args),
     Inspect(cmd::inspect::Args),
     #[cfg(feature = "cuda")]
@@ -55,6 +56,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cmd::run::run(a),
         Command::Data(a) => cmd::data::run(a),
         Command::Score(a) => cmd::score::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Inspect(a) => cmd::inspect::run(a),
         #[cfg(feature = "cuda")]

@@ -223,6 +223,88 @@ impl<'g> Program<'g> {
         weights: &dyn Fn(&str) -> Option<&'w B::Buffer>,
         inputs: &dyn Fn(&str) -> Option<&'i HostTensor>,
     ) -> Result<RunResult, ExecError> {
+        let (mut values, stats) = self.execute(backend, weights, inputs)?;
+        let g = self.graph;
+        let mut outputs = HashMap::new();
+        for (i, (name, id)) in self.outputs.iter().enumerate() {
+            let node = g.node(*id);
+            let err = |source| ExecError::Kernel {
+                node: id.index(),
+                op: node.op.name(),
+                module: node.module.clone(),
+                source,
+            };
+            // The same node may be requested under two names: move it out only the last time.
+            let later = self.outputs[i + 1..].iter().any(|(_, o)| o == id);
+            let host = match values[id.index()].take() {
+                Some(Slot::Owned(buf)) if !later => backend.download_owned(buf).map_err(err)?,
+                Some(slot) => {
+                    let host = backend.download(slot.get()).map_err(err)?;
+                    values[id.index()] = Some(slot);
+                    host
+                }
+                None => unreachable!("outputs are never freed"),
+            };
+            outputs.insert(name.clone(), host);
+        }
+        if profiling() {
+            eprint!("{}", stats.profile_report());
+        }
+        Ok(RunResult { outputs, stats })
+    }
+
+    /// Like [`Program::run`], but the outputs stay in the backend's memory: a device-resident
+    /// training step (`qplc bench`) hands the gradients straight to a device optimiser
+    /// instead of copying them to the host and back. An output that is not a fresh value of
+    /// this run (a weight returned as is, or one node requested under two names) is copied
+    /// through the host, since buffers cannot be shared; compiled training graphs have none.
+    pub fn run_buffers<'w, 'i, B: Backend>(
+        &self,
+        backend: &B,
+        weights: &dyn Fn(&str) -> Option<&'w B::Buffer>,
+        inputs: &dyn Fn(&str) -> Option<&'i HostTensor>,
+    ) -> Result<(HashMap<String, B::Buffer>, RunStats), ExecError> {
+        let (mut values, stats) = self.execute(backend, weights, inputs)?;
+        let g = self.graph;
+        let mut outputs = HashMap::new();
+        for (i, (name, id)) in self.outputs.iter().enumerate() {
+            let node = g.node(*id);
+            let err = |source| ExecError::Kernel {
+                node: id.index(),
+                op: node.op.name(),
+                module: node.module.clone(),
+                source,
+            };
+            let later = self.outputs[i + 1..].iter().any(|(_, o)| o == id);
+            let buf = match values[id.index()].take() {
+                Some(Slot::Owned(buf)) if !later => buf,
+                Some(slot) => {
+                    let copy = backend
+                        .download(slot.get())
+                        .and_then(|h| backend.upload(&h))
+                        .map_err(err)?;
+                    values[id.index()] = Some(slot);
+                    copy
+                }
+                None => unreachable!("outputs are never freed"),
+            };
+            outputs.insert(name.clone(), buf);
+        }
+        if profiling() {
+            eprint!("{}", stats.profile_report());
+        }
+        Ok((outputs, stats))
+    }
+
+    /// Runs every node in order and leaves the values of the outputs (and of nothing else)
+    /// in the returned slots; `run` and `run_buffers` differ only in what they do with them.
+    #[allow(clippy::type_complexity)]
+    fn execute<'w, 'i, B: Backend>(
+        &self,
+        backend: &B,
+        weights: &dyn Fn(&str) -> Option<&'w B::Buffer>,
+        inputs: &dyn Fn(&str) -> Option<&'i HostTensor>,
+    ) -> Result<(Vec<Option<Slot<'w, B::Buffer>>>, RunStats), ExecError> {
         let g = self.graph;
         let mut values: Vec<Option<Slot<'w, B::Buffer>>> =
             (0..g.g.node_bound()).map(|_| None).collect();
@@ -343,32 +425,7 @@ impl<'g> Program<'g> {
             }
         }
         stats.final_activation_bytes = live;
-        let mut outputs = HashMap::new();
-        for (i, (name, id)) in self.outputs.iter().enumerate() {
-            let node = g.node(*id);
-            let err = |source| ExecError::Kernel {
-                node: id.index(),
-                op: node.op.name(),
-                module: node.module.clone(),
-                source,
-            };
-            // The same node may be requested under two names: move it out only the last time.
-            let later = self.outputs[i + 1..].iter().any(|(_, o)| o == id);
-            let host = match values[id.index()].take() {
-                Some(Slot::Owned(buf)) if !later => backend.download_owned(buf).map_err(err)?,
-                Some(slot) => {
-                    let host = backend.download(slot.get()).map_err(err)?;
-                    values[id.index()] = Some(slot);
-                    host
-                }
-                None => unreachable!("outputs are never freed"),
-            };
-            outputs.insert(name.clone(), host);
-        }
-        if profile {
-            eprint!("{}", stats.profile_report());
-        }
-        Ok(RunResult { outputs, stats })
+        Ok((values, stats))
     }
 }
 

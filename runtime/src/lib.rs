@@ -22,6 +22,7 @@ pub use backend::{Backend, KernelError};
 pub use cpu::CpuBackend;
 pub use tensor::{Data, HostTensor};
 pub mod adapter_init;
+pub mod bench;
 pub mod ca_files;
 pub mod export;
 pub mod log;

@@ -1,5 +1,6 @@
 pub mod analyze;
 pub mod backend;
+pub mod bench;
 pub mod compile;
 #[cfg(feature = "cuda")]
 pub mod cuda_check;

@@ -12,6 +12,7 @@
 //! backend rounds after each op, so the two backends compute the same function and can be
 //! compared op by op (`check`). Buffers come from a caching allocator (`alloc`).
 mod alloc;
+pub mod adam;
 pub mod check;
 mod check_large;
 mod dispatch;
