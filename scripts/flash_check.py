@@ -31,14 +31,17 @@ FUNCS = {}
 
 
 def tiles(d, variant):
-    """(D, NW, BC, BQ) for head dim d: the padded tile width and the warps per CTA."""
+    """(D, NW, BC, BQ, variant) for head dim d: padded tile width, warps per CTA, key tile of
+    the forward and dQ kernels, query tile of the dK/dV kernel. Variants: '' (4 warps), '_w8'
+    (8 warps), '_c128' (forward with 128-key tiles; the backward kernels as '')."""
     if d % 8 or d > 128 or d < 8:
         raise ValueError(f"head dim {d} unsupported (needs d % 8 == 0, 8 <= d <= 128)")
     D = 32 if d <= 32 else 64 if d <= 64 else 128
     if D == 32:
         variant = ""
     NW = 8 if variant == "_w8" else 4
-    return D, NW, 64, 32 if D == 128 else 64, variant
+    BC = 128 if variant == "_c128" else 64
+    return D, NW, BC, 32 if D == 128 else 64, variant
 
 
 def launch(name, grid, threads, smem, args):
@@ -71,23 +74,40 @@ def flash_fwd(q, k, v, scale, window, cap, variant="", lse=None, out=None):
     return o
 
 
-def flash_bwd(q, k, v, g, scale, window, cap, variant=""):
+def bwd_prep(q, k, v, g, scale, window, cap, variant=""):
+    """The forward recomputation (O, lse) and delta = rowsum(dO∘O): the backward's scratch."""
     T, nh, d = q.shape
-    nkv = k.shape[1]
-    D, NW, BC, BQ, variant = tiles(d, variant)
     lse = torch.empty(nh, T, dtype=torch.float32, device=q.device)
     delta = torch.empty(nh, T, dtype=torch.float32, device=q.device)
     o = flash_fwd(q, k, v, scale, window, cap, variant, lse=lse)
     launch("flash_bwd_delta", (math.ceil(T * nh / 8),), 256, 0,
            (ptr(o), ptr(g), ptr(delta), np.int32(T), np.int32(nh), np.int32(d)))
-    dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
-    b = 16 * NW
+    return lse, delta
+
+
+def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, variant=""):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    variant = "_w8" if variant == "_w8" else ""
+    D, NW, BC, BQ, variant = tiles(d, variant)
     args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
         T, nh, nkv, d, scale, window, cap)
-    launch(f"flash_bwd_dq_d{D}{variant}", (math.ceil(T / b), nh), 32 * NW,
-           (2 * b + 4 * BC) * (D + 8) * 2, args)
-    launch(f"flash_bwd_dkdv_d{D}{variant}", (math.ceil(T / b), nkv), 32 * NW,
-           (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+    b = 16 * NW
+    if which == "dq":
+        launch(f"flash_bwd_dq_d{D}{variant}", (math.ceil(T / b), nh), 32 * NW,
+               (2 * b + 4 * BC) * (D + 8) * 2, args)
+    else:
+        launch(f"flash_bwd_dkdv_d{D}{variant}", (math.ceil(T / b), nkv), 32 * NW,
+               (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+
+
+def flash_bwd(q, k, v, g, scale, window, cap, variant=""):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    lse, delta = bwd_prep(q, k, v, g, scale, window, cap, variant)
+    dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
+    for which in ("dq", "dkdv"):
+        bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, variant)
     return dqkv
 
 
@@ -165,10 +185,14 @@ def bench(T, nh, nkv, d, variant="", window=None):
         flops *= min(1.0, (2.0 * window * T - window * window) / (T * T))
     tf = timed(lambda: flash_fwd(q, k, v, scale, window, None, variant))
     tb = timed(lambda: flash_bwd(q, k, v, g, scale, window, None, variant))
+    lse, delta = bwd_prep(q, k, v, g, scale, window, None, variant)
+    dqkv = torch.empty(T, nh + 2 * nkv, d, dtype=q.dtype, device=q.device)
+    t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None, variant))
+    t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None, variant))
     # flash_bwd includes its forward recomputation (lse), as the op must: report both.
     line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window} {variant or '_w4'}: "
             f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
-            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f})")
+            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; dq {t_dq*1e3:.3f} ms, dkdv {t_kv*1e3:.3f} ms)")
     if window is None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         group = nh // nkv
@@ -192,7 +216,7 @@ def main():
     ap.add_argument("--variant", action="append", default=None,
                     help="kernel variant suffix ('' = 4 warps, '_w8' = 8 warps); repeatable")
     args = ap.parse_args()
-    variants = args.variant or ["", "_w8"]
+    variants = args.variant or ["", "_w8", "_c128"]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} cupy {cp.__version__} "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     cases = [

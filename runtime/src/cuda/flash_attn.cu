@@ -69,6 +69,13 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return r;
 }
 
+// 2^x by the SFU (exp2f adds denormal handling we do not need: P is rounded to bf16 anyway).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ float bf16_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
 
 // acc[NB] (16 x 8NB) += A · Bᵀ: A is 16 rows x 16KS at sA, B is 8NB rows x 16KS at sB (both
@@ -87,6 +94,22 @@ __device__ __forceinline__ void mma_nt(float (*acc)[4], const u16* sA, const u16
             ldsm_x4(b, b_base + (nb * 8 * LD + ks * 16) * 2);
             mma16816(acc[nb], a, b[0], b[1]);
             mma16816(acc[nb + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// As `mma_nt` with A already in registers (the forward's Q, loaded once per CTA).
+template <int KS, int NB, int LD>
+__device__ __forceinline__ void mma_rt(float (*acc)[4], const u32 (*a)[4], const u16* sB, int lane) {
+    const u32 b_base = smem_u32(sB + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4(b, b_base + (nb * 8 * LD + ks * 16) * 2);
+            mma16816(acc[nb], a[ks], b[0], b[1]);
+            mma16816(acc[nb + 1], a[ks], b[2], b[3]);
         }
     }
 }
@@ -133,15 +156,15 @@ __device__ __forceinline__ void load_tile(u16* s, const u16* g, int row0, int T,
 }
 
 // Score in log2 units after scale and soft-cap; `dcap` gets d(capped)/d(scaled) (1 without cap).
-__device__ __forceinline__ float score2(float x, float scale, float cap, float* dcap) {
-    x *= scale;
-    if (cap > 0.0f) {
-        const float th = tanhf(x / cap);
+// `sl2` = scale·log2(e), `sc` = scale / cap, `cl2` = cap·log2(e) (precomputed per kernel).
+__device__ __forceinline__ float score2(float x, float sl2, float sc, float cl2, float* dcap) {
+    if (cl2 > 0.0f) {
+        const float th = tanhf(x * sc);
         *dcap = 1.0f - th * th;
-        return cap * th * LOG2E;
+        return cl2 * th;
     }
     *dcap = 1.0f;
-    return x * LOG2E;
+    return x * sl2;
 }
 
 __device__ __forceinline__ bool hidden(int i, int j, int window) {
@@ -165,6 +188,7 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
     u16* sK = sQ + BR * LD;
     u16* sV = sK + 2 * BC * LD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
     // Longest (last) query blocks first: causal work grows with the block index.
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
     const int h = blockIdx.y, kh = h / (nh / nkv);
@@ -185,6 +209,15 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     const int w0 = q0 + warp * 16;
     const int rows[2] = {w0 + g, w0 + g + 8};
+    // Q fragments stay in registers for the whole key loop.
+    cp_wait<0>();
+    __syncthreads();
+    u32 qf[KS][4];
+    {
+        const u32 a_base = smem_u32(sQ + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], a_base + ks * 32);
+    }
 
     for (int kt = kt0; kt < kt1; ++kt) {
         const int buf = (kt - kt0) & 1;
@@ -203,7 +236,7 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
             float s[NB][4];
 #pragma unroll
             for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-            mma_nt<KS, NB, LD>(s, sQ + warp * 16 * LD, sK + buf * BC * LD, lane);
+            mma_rt<KS, NB, LD>(s, qf, sK + buf * BC * LD, lane);
             const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
             float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -211,7 +244,7 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
                     float dc;
-                    float x = score2(s[nb][r], scale, cap, &dc);
+                    float x = score2(s[nb][r], sl2, sc, cl2, &dc);
                     if (mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window)) x = NEG_INF;
                     s[nb][r] = x;
                     mx[r >> 1] = fmaxf(mx[r >> 1], x);
@@ -224,14 +257,14 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
                 mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
                 // A row with nothing visible yet keeps max −inf; exp2(−inf − 0) = 0 keeps it empty.
                 base[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
-                corr[i] = exp2f(m[i] - base[i]);
+                corr[i] = ex2(m[i] - base[i]);
                 m[i] = mx[i];
             }
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
-                    s[nb][r] = exp2f(s[nb][r] - base[r >> 1]);
+                    s[nb][r] = ex2(s[nb][r] - base[r >> 1]);
                     rs[r >> 1] += s[nb][r];
                 }
             }
@@ -301,6 +334,7 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
     u16* sK = sG + BR * LD;
     u16* sV = sK + 2 * BC * LD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
     const int h = blockIdx.y, kh = h / (nh / nkv);
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
@@ -354,9 +388,9 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
 #pragma unroll
                 for (int r = 0; r < 4; ++r) {
                     float dc;
-                    const float x = score2(s[nb][r], scale, cap, &dc);
+                    const float x = score2(s[nb][r], sl2, sc, cl2, &dc);
                     const bool hid = mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window);
-                    const float p = hid ? 0.0f : exp2f(x - L[r >> 1]);
+                    const float p = hid ? 0.0f : ex2(x - L[r >> 1]);
                     s[nb][r] = p * (dp[nb][r] - Dl[r >> 1]) * dc;
                 }
             }
@@ -401,6 +435,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
     float* sL = (float*)(sG + 2 * BQ * LD);
     float* sD = sL + 2 * BQ;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
     const int k0 = blockIdx.x * BK;  // block 0 sees the most queries: it starts first
     const int kh = blockIdx.y, group = nh / nkv;
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
@@ -463,9 +498,9 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
                 for (int r = 0; r < 4; ++r) {
                     const int c = nb * 8 + 2 * t4 + (r & 1), i = i0 + c;
                     float dc;
-                    const float x = score2(st[nb][r], scale, cap, &dc);
+                    const float x = score2(st[nb][r], sl2, sc, cl2, &dc);
                     const bool hid = mask && (i >= T || hidden(i, keys[r >> 1], window));
-                    const float p = hid ? 0.0f : exp2f(x - L[c]);
+                    const float p = hid ? 0.0f : ex2(x - L[c]);
                     st[nb][r] = p;
                     dpt[nb][r] = p * (dpt[nb][r] - Dl[c]) * dc;
                 }
@@ -520,6 +555,8 @@ FWD(flash_fwd_d64, 64, 4, 64)
 FWD(flash_fwd_d128, 128, 4, 64)
 FWD(flash_fwd_d64_w8, 64, 8, 64)
 FWD(flash_fwd_d128_w8, 128, 8, 64)
+FWD(flash_fwd_d64_c128, 64, 4, 128)
+FWD(flash_fwd_d128_c128, 128, 4, 128)
 BWD(flash_bwd_dq_d32, flash_bwd_dq, 32, 4, 64)
 BWD(flash_bwd_dq_d64, flash_bwd_dq, 64, 4, 64)
 BWD(flash_bwd_dq_d128, flash_bwd_dq, 128, 4, 64)
