@@ -3,7 +3,7 @@
 and their speed next to torch SDPA's flash backend. Runs on the device machine (a GPU, CuPy,
 PyTorch); no Rust needed: CuPy compiles the .cu with NVRTC, as flash.rs does.
 
-    python3 flash_check.py [--quick] [--variant _w8] [--out FILE]
+    python3 flash_check.py [--quick]
 
 Launch geometry below mirrors flash.rs (`Tiles`) and the table at the end of flash_attn.cu.
 Every output buffer is filled with NaN first, so an element a kernel fails to write fails the
@@ -30,18 +30,14 @@ MOD = cp.RawModule(code=SRC, backend="nvrtc", options=("-lineinfo",))
 FUNCS = {}
 
 
-def tiles(d, variant):
-    """(D, NW, BC, BQ, variant) for head dim d: padded tile width, warps per CTA, key tile of
-    the forward and dQ kernels, query tile of the dK/dV kernel. Variants: '' (4 warps), '_w8'
-    (8 warps), '_c128' (forward with 128-key tiles; the backward kernels as '')."""
+def tiles(d):
+    """Kernel geometry for head dim d, as flash.rs `Tiles` and the table at the end of
+    flash_attn.cu: (D padded tile width, forward warps, key tile BC, backward warps, dK/dV
+    query tile BQ)."""
     if d % 8 or d > 128 or d < 8:
         raise ValueError(f"head dim {d} unsupported (needs d % 8 == 0, 8 <= d <= 128)")
     D = 32 if d <= 32 else 64 if d <= 64 else 128
-    if D == 32:
-        variant = ""
-    NW = 8 if variant == "_w8" else 4
-    BC = 128 if variant == "_c128" else 64
-    return D, NW, BC, 32 if D == 128 else 64, variant
+    return D, 8 if D == 128 else 4, 64, 4, 32 if D == 128 else 64
 
 
 def launch(name, grid, threads, smem, args):
@@ -62,52 +58,51 @@ def common(T, nh, nkv, d, scale, window, cap):
             np.int32(window or 0), np.float32(cap or 0.0))
 
 
-def flash_fwd(q, k, v, scale, window, cap, variant="", lse=None, out=None):
+def flash_fwd(q, k, v, scale, window, cap, lse=None, out=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    D, NW, BC, _, variant = tiles(d, variant)
+    D, NW, BC, _, _ = tiles(d)
     o = out if out is not None else torch.full_like(q, float("nan"))
     br = 16 * NW
     smem = (br + 4 * BC) * (D + 8) * 2
-    launch(f"flash_fwd_d{D}{variant}", (math.ceil(T / br), nh), 32 * NW, smem,
+    launch(f"flash_fwd_d{D}", (math.ceil(T / br), nh), 32 * NW, smem,
            (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + common(T, nh, nkv, d, scale, window, cap))
     return o
 
 
-def bwd_prep(q, k, v, g, scale, window, cap, variant=""):
+def bwd_prep(q, k, v, g, scale, window, cap):
     """The forward recomputation (O, lse) and delta = rowsum(dO∘O): the backward's scratch."""
     T, nh, d = q.shape
     lse = torch.empty(nh, T, dtype=torch.float32, device=q.device)
     delta = torch.empty(nh, T, dtype=torch.float32, device=q.device)
-    o = flash_fwd(q, k, v, scale, window, cap, variant, lse=lse)
+    o = flash_fwd(q, k, v, scale, window, cap, lse=lse)
     launch("flash_bwd_delta", (math.ceil(T * nh / 8),), 256, 0,
            (ptr(o), ptr(g), ptr(delta), np.int32(T), np.int32(nh), np.int32(d)))
     return lse, delta
 
 
-def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, variant=""):
+def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    variant = "_w8" if variant == "_w8" else ""
-    D, NW, BC, BQ, variant = tiles(d, variant)
+    D, _, BC, NW, BQ = tiles(d)
     args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
         T, nh, nkv, d, scale, window, cap)
     b = 16 * NW
     if which == "dq":
-        launch(f"flash_bwd_dq_d{D}{variant}", (math.ceil(T / b), nh), 32 * NW,
+        launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b), nh), 32 * NW,
                (2 * b + 4 * BC) * (D + 8) * 2, args)
     else:
-        launch(f"flash_bwd_dkdv_d{D}{variant}", (math.ceil(T / b), nkv), 32 * NW,
+        launch(f"flash_bwd_dkdv_d{D}", (math.ceil(T / b), nkv), 32 * NW,
                (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
 
 
-def flash_bwd(q, k, v, g, scale, window, cap, variant=""):
+def flash_bwd(q, k, v, g, scale, window, cap):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    lse, delta = bwd_prep(q, k, v, g, scale, window, cap, variant)
+    lse, delta = bwd_prep(q, k, v, g, scale, window, cap)
     dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
     for which in ("dq", "dkdv"):
-        bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, variant)
+        bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap)
     return dqkv
 
 
@@ -141,15 +136,15 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-3 * math.sqrt(b.numel()))).item()
 
 
-def check(T, nh, nkv, d, window=None, cap=None, variant="", amp=1.0, seed=0):
+def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     mk = lambda h: (torch.randn(T, h, d, generator=gen, device="cuda") * amp).bfloat16()
     q, k, v = mk(nh), mk(nkv), mk(nkv)
     g = torch.randn(T, nh, d, generator=gen, device="cuda").bfloat16()
     scale = 1.0 / math.sqrt(d)
-    o = flash_fwd(q, k, v, scale, window, cap, variant)
-    dqkv = flash_bwd(q, k, v, g, scale, window, cap, variant)
-    again = flash_bwd(q, k, v, g, scale, window, cap, variant)
+    o = flash_fwd(q, k, v, scale, window, cap)
+    dqkv = flash_bwd(q, k, v, g, scale, window, cap)
+    again = flash_bwd(q, k, v, g, scale, window, cap)
     torch.cuda.synchronize()
     ro, rq, rk, rv = reference(q, k, v, g, scale, window, cap)
     errs = [rel(o, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
@@ -157,7 +152,7 @@ def check(T, nh, nkv, d, window=None, cap=None, variant="", amp=1.0, seed=0):
     det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
     ok = max(errs) <= TOL and det
     print(f"{'ok  ' if ok else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
-          f"softcap={cap} amp={amp} {variant or '_w4'}: out {errs[0]:.2e} dq {errs[1]:.2e} "
+          f"softcap={cap} amp={amp}: out {errs[0]:.2e} dq {errs[1]:.2e} "
           f"dk {errs[2]:.2e} dv {errs[3]:.2e} deterministic={det}", flush=True)
     del ro, rq, rk, rv
     torch.cuda.empty_cache()
@@ -177,20 +172,20 @@ def timed(fn, reps=10):
     return a.elapsed_time(b) / reps * 1e-3
 
 
-def bench(T, nh, nkv, d, variant="", window=None):
+def bench(T, nh, nkv, d, window=None):
     q, k, v, g = (torch.randn(T, h, d, device="cuda").bfloat16() for h in (nh, nkv, nkv, nh))
     scale = 1.0 / math.sqrt(d)
     flops = 4.0 * T * T * d * nh / 2  # causal: half of the two T×T×d products
     if window:
         flops *= min(1.0, (2.0 * window * T - window * window) / (T * T))
-    tf = timed(lambda: flash_fwd(q, k, v, scale, window, None, variant))
-    tb = timed(lambda: flash_bwd(q, k, v, g, scale, window, None, variant))
-    lse, delta = bwd_prep(q, k, v, g, scale, window, None, variant)
+    tf = timed(lambda: flash_fwd(q, k, v, scale, window, None))
+    tb = timed(lambda: flash_bwd(q, k, v, g, scale, window, None))
+    lse, delta = bwd_prep(q, k, v, g, scale, window, None)
     dqkv = torch.empty(T, nh + 2 * nkv, d, dtype=q.dtype, device=q.device)
-    t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None, variant))
-    t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None, variant))
+    t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None))
+    t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None))
     # flash_bwd includes its forward recomputation (lse), as the op must: report both.
-    line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window} {variant or '_w4'}: "
+    line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window}: "
             f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
             f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; dq {t_dq*1e3:.3f} ms, dkdv {t_kv*1e3:.3f} ms)")
     if window is None:
@@ -213,10 +208,7 @@ def bench(T, nh, nkv, d, variant="", window=None):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="correctness of small shapes only")
-    ap.add_argument("--variant", action="append", default=None,
-                    help="kernel variant suffix ('' = 4 warps, '_w8' = 8 warps); repeatable")
     args = ap.parse_args()
-    variants = args.variant or ["", "_w8", "_c128"]
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} cupy {cp.__version__} "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     cases = [
@@ -235,14 +227,12 @@ def main():
     if not args.quick:
         cases += [dict(T=4096, nh=32, nkv=8, d=64), dict(T=4096, nh=32, nkv=8, d=128)]
     ok = True
-    for variant in variants:
-        for c in cases:
-            ok &= check(variant=variant, **c)
+    for c in cases:
+        ok &= check(**c)
     if not args.quick:
-        for variant in variants:
-            for d in (64, 128):
-                bench(4096, 32, 8, d, variant)
-        bench(4096, 32, 8, 128, variants[0], window=1024)
+        for d in (64, 128):
+            bench(4096, 32, 8, d)
+        bench(4096, 32, 8, 128, window=1024)
     print("ALL OK" if ok else "FAILURES", flush=True)
     sys.exit(0 if ok else 1)
 

@@ -38,6 +38,11 @@ __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
     int n = ok ? 16 : 0;
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
 }
+// 4 bytes, for the per-row statistics (rows of one head are not 16-byte aligned in general).
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool ok) {
+    int n = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
@@ -444,16 +449,18 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
 
     load_tile<BK, D, LD, NT>(sK, k + (long long)kh * d, k0, T, ks, d, tid);
     load_tile<BK, D, LD, NT>(sV, v + (long long)kh * d, k0, T, ks, d, tid);
-    // Query tile `it` (head-major over the group) into buffer `b`; lse/delta by plain stores,
-    // ordered by the barrier that also publishes the cp.async data.
+    // Query tile `it` (head-major over the group) into buffer `b`, statistics included: all
+    // asynchronous (a plain load here would stall every iteration on global latency).
     auto load_q = [&](int it, int b) {
         const int h = kh * group + it / nq, i0 = (qt0 + it % nq) * BQ;
         load_tile<BQ, D, LD, NT>(sQ + b * BQ * LD, q + (long long)h * d, i0, T, qs, d, tid);
         load_tile<BQ, D, LD, NT>(sG + b * BQ * LD, go + (long long)h * d, i0, T, qs, d, tid);
         for (int r = tid; r < BQ; r += NT) {
             const int i = i0 + r;
-            sL[b * BQ + r] = i < T ? lse[(long long)h * T + i] : 0.0f;
-            sD[b * BQ + r] = i < T ? delta[(long long)h * T + i] : 0.0f;
+            const bool ok = i < T;
+            const long long at = ok ? (long long)h * T + i : 0;
+            cp_async4(smem_u32(sL + b * BQ + r), lse + at, ok);
+            cp_async4(smem_u32(sD + b * BQ + r), delta + at, ok);
         }
     };
     load_q(0, 0);
@@ -532,11 +539,11 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points, one per (tile size D, warps NW, inner tile). The host (flash.rs,
-// scripts/flash_check.py) derives grid and shared-memory size from the same numbers:
-//   fwd:  grid (ceil(T / 16NW), nh),  smem (16NW + 4BC)·(D+8)·2
-//   dq:   grid (ceil(T / 16NW), nh),  smem (32NW + 4BC)·(D+8)·2
-//   dkdv: grid (ceil(T / 16NW), nkv), smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+// Entry points, one per (tile width D, warps NW, inner tile BC or BQ). The host (flash.rs
+// `Tiles`, scripts/flash_check.py `tiles`) derives grid and shared memory from the same numbers:
+//   fwd:  grid (ceil(T / 16NW), nh),  block 32NW, smem (16NW + 4BC)·(D+8)·2
+//   dq:   grid (ceil(T / 16NW), nh),  block 32NW, smem (32NW + 4BC)·(D+8)·2
+//   dkdv: grid (ceil(T / 16NW), nkv), block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
 #define FWD(name, D, NW, BC)                                                                                   \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, u16* o, float* lse, int T, int nh, int nkv, int d,          \
@@ -550,20 +557,14 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
         fn<D, NW, B>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);                        \
     }
 
+// Measured on an H200 (notes/CUDA.md): 8 warps pay off in the forward only at D = 128; the
+// backward kernels are fastest with 4 (register-bound: dK and dV, or dQ, plus two score tiles).
 FWD(flash_fwd_d32, 32, 4, 64)
 FWD(flash_fwd_d64, 64, 4, 64)
-FWD(flash_fwd_d128, 128, 4, 64)
-FWD(flash_fwd_d64_w8, 64, 8, 64)
-FWD(flash_fwd_d128_w8, 128, 8, 64)
-FWD(flash_fwd_d64_c128, 64, 4, 128)
-FWD(flash_fwd_d128_c128, 128, 4, 128)
+FWD(flash_fwd_d128, 128, 8, 64)
 BWD(flash_bwd_dq_d32, flash_bwd_dq, 32, 4, 64)
 BWD(flash_bwd_dq_d64, flash_bwd_dq, 64, 4, 64)
 BWD(flash_bwd_dq_d128, flash_bwd_dq, 128, 4, 64)
-BWD(flash_bwd_dq_d64_w8, flash_bwd_dq, 64, 8, 64)
-BWD(flash_bwd_dq_d128_w8, flash_bwd_dq, 128, 8, 64)
 BWD(flash_bwd_dkdv_d32, flash_bwd_dkdv, 32, 4, 64)
 BWD(flash_bwd_dkdv_d64, flash_bwd_dkdv, 64, 4, 64)
 BWD(flash_bwd_dkdv_d128, flash_bwd_dkdv, 128, 4, 32)
-BWD(flash_bwd_dkdv_d64_w8, flash_bwd_dkdv, 64, 8, 64)
-BWD(flash_bwd_dkdv_d128_w8, flash_bwd_dkdv, 128, 8, 32)
