@@ -82,6 +82,8 @@ __device__ __forceinline__ float ex2(float x) {
 }
 
 __device__ __forceinline__ float bf16_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ float bf16_lo(u32 x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float bf16_hi(u32 x) { return __uint_as_float(x & 0xffff0000u); }
 
 // acc[NB] (16 x 8NB) += A · Bᵀ: A is 16 rows x 16KS at sA, B is 8NB rows x 16KS at sB (both
 // row-major, LD elements per row) — Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ.
@@ -486,37 +488,58 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
         // Every query of the tile before this warp's keys, or all of them past the window.
         const bool skip = i0 + BQ - 1 < w0 || (window > 0 && i0 - (w0 + 15) >= window);
         if (!skip) {
-            float st[NB][4], dpt[NB][4];
-#pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
-                dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
-            }
+            // Staged to bound registers (dK and dV already hold 2·D/8·4 floats): Pᵀ and the
+            // soft-cap derivative are kept as bf16 fragments only, so the Sᵀ tile is dead before
+            // the dPᵀ tile is live. dS then uses P rounded to bf16, as the dV product does.
             const u16* q_t = sQ + buf * BQ * LD;
             const u16* g_t = sG + buf * BQ * LD;
-            mma_nt<KS, NB, LD>(st, sK + warp * 16 * LD, q_t, lane);
-            mma_nt<KS, NB, LD>(dpt, sV + warp * 16 * LD, g_t, lane);
             const bool mask = i0 + BQ > T || w0 + 15 > i0 || (window > 0 && i0 + BQ - 1 - w0 >= window);
             const float* L = sL + buf * BQ;
             const float* Dl = sD + buf * BQ;
+            u32 pf[BQ / 16][4], cf[BQ / 16][4];
+            {
+                float st[NB][4];
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
+                for (int i = 0; i < NB; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+                mma_nt<KS, NB, LD>(st, sK + warp * 16 * LD, q_t, lane);
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    const int c = nb * 8 + 2 * t4 + (r & 1), i = i0 + c;
-                    float dc;
-                    const float x = score2(st[nb][r], sl2, sc, cl2, &dc);
-                    const bool hid = mask && (i >= T || hidden(i, keys[r >> 1], window));
-                    const float p = hid ? 0.0f : ex2(x - L[c]);
-                    st[nb][r] = p;
-                    dpt[nb][r] = p * (dpt[nb][r] - Dl[c]) * dc;
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        float p[2], dc[2];
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int c = nb * 8 + 2 * t4 + e, i = i0 + c;
+                            const float x = score2(st[nb][2 * half + e], sl2, sc, cl2, &dc[e]);
+                            const bool hid = mask && (i >= T || hidden(i, keys[half], window));
+                            p[e] = hid ? 0.0f : ex2(x - L[c]);
+                        }
+                        // Fragment slot of accumulator tile nb, row half `half` (see to_frags).
+                        pf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(p[0], p[1]);
+                        cf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(dc[0], dc[1]);
+                    }
                 }
             }
-            u32 f[BQ / 16][4];
-            to_frags<BQ / 16>(f, st);
-            mma_rn<BQ / 16, NO, LD>(dv, f, g_t, lane);
-            to_frags<BQ / 16>(f, dpt);
-            mma_rn<BQ / 16, NO, LD>(dk, f, q_t, lane);
+            mma_rn<BQ / 16, NO, LD>(dv, pf, g_t, lane);
+            {
+                float dpt[NB][4];
+#pragma unroll
+                for (int i = 0; i < NB; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
+                mma_nt<KS, NB, LD>(dpt, sV + warp * 16 * LD, g_t, lane);
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        u32& slot = pf[nb >> 1][(nb & 1) * 2 + half];
+                        const u32 c2 = cf[nb >> 1][(nb & 1) * 2 + half];
+                        const int c = nb * 8 + 2 * t4;
+                        const float ds0 = bf16_lo(slot) * (dpt[nb][2 * half] - Dl[c]) * bf16_lo(c2);
+                        const float ds1 = bf16_hi(slot) * (dpt[nb][2 * half + 1] - Dl[c + 1]) * bf16_hi(c2);
+                        slot = pack_bf16(ds0, ds1);
+                    }
+                }
+            }
+            mma_rn<BQ / 16, NO, LD>(dk, pf, q_t, lane);
         }
         __syncthreads();
     }
@@ -567,4 +590,5 @@ BWD(flash_bwd_dq_d64, flash_bwd_dq, 64, 4, 64)
 BWD(flash_bwd_dq_d128, flash_bwd_dq, 128, 4, 64)
 BWD(flash_bwd_dkdv_d32, flash_bwd_dkdv, 32, 4, 64)
 BWD(flash_bwd_dkdv_d64, flash_bwd_dkdv, 64, 4, 64)
-BWD(flash_bwd_dkdv_d128, flash_bwd_dkdv, 128, 4, 32)
+BWD(flash_bwd_dkdv_d128, flash_bwd_dkdv, 128, 4, 64)
+BWD(flash_bwd_dkdv_d128_q32, flash_bwd_dkdv, 128, 4, 32)
