@@ -245,16 +245,30 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
             for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
             mma_rt<KS, NB, LD>(s, qf, sK + buf * BC * LD, lane);
             const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+            // Interior tiles without soft-cap (most of the work) keep raw scores: the row max is
+            // taken raw (scale > 0 keeps the order) and scaling folds into the exponent's FMA.
+            const bool raw = !mask && cl2 <= 0.0f;
             float mx[2] = {m[0], m[1]};
+            if (raw) {
+                float tmx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
+                for (int nb = 0; nb < NB; ++nb) {
+                    tmx[0] = fmaxf(tmx[0], fmaxf(s[nb][0], s[nb][1]));
+                    tmx[1] = fmaxf(tmx[1], fmaxf(s[nb][2], s[nb][3]));
+                }
+                mx[0] = fmaxf(mx[0], tmx[0] * sl2);
+                mx[1] = fmaxf(mx[1], tmx[1] * sl2);
+            } else {
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    float dc;
-                    float x = score2(s[nb][r], sl2, sc, cl2, &dc);
-                    if (mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window)) x = NEG_INF;
-                    s[nb][r] = x;
-                    mx[r >> 1] = fmaxf(mx[r >> 1], x);
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        float dc;
+                        float x = score2(s[nb][r], sl2, sc, cl2, &dc);
+                        if (mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window)) x = NEG_INF;
+                        s[nb][r] = x;
+                        mx[r >> 1] = fmaxf(mx[r >> 1], x);
+                    }
                 }
             }
             float corr[2], base[2], rs[2] = {0.0f, 0.0f};
@@ -267,12 +281,23 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
                 corr[i] = ex2(m[i] - base[i]);
                 m[i] = mx[i];
             }
+            if (raw) {
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
+                for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    s[nb][r] = ex2(s[nb][r] - base[r >> 1]);
-                    rs[r >> 1] += s[nb][r];
+                    for (int r = 0; r < 4; ++r) {
+                        s[nb][r] = ex2(fmaf(s[nb][r], sl2, -base[r >> 1]));
+                        rs[r >> 1] += s[nb][r];
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        s[nb][r] = ex2(s[nb][r] - base[r >> 1]);
+                        rs[r >> 1] += s[nb][r];
+                    }
                 }
             }
 #pragma unroll
