@@ -81,13 +81,10 @@ def bwd_prep(q, k, v, g, scale, window, cap):
     return lse, delta
 
 
-def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, bq=None):
-    """`bq` picks another dK/dV query tile (the `_q32` entry point, for timing only)."""
+def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap):
     T, nh, d = q.shape
     nkv = k.shape[1]
     D, _, BC, NW, BQ = tiles(d)
-    suffix = "" if bq is None else f"_q{bq}"
-    BQ = bq or BQ
     args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
         T, nh, nkv, d, scale, window, cap)
     b = 16 * NW
@@ -95,7 +92,7 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, bq=None)
         launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b), nh), 32 * NW,
                (2 * b + 4 * BC) * (D + 8) * 2, args)
     else:
-        launch(f"flash_bwd_dkdv_d{D}{suffix}", (math.ceil(T / b), nkv), 32 * NW,
+        launch(f"flash_bwd_dkdv_d{D}", (math.ceil(T / b), nkv), 32 * NW,
                (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
 
 
@@ -187,9 +184,6 @@ def bench(T, nh, nkv, d, window=None):
     dqkv = torch.empty(T, nh + 2 * nkv, d, dtype=q.dtype, device=q.device)
     t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None))
     t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None))
-    if d == 128:
-        t_q32 = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None, 32))
-        print(f"  dkdv with 32-query tiles: {t_q32*1e3:.3f} ms", flush=True)
     # flash_bwd includes its forward recomputation (lse), as the op must: report both.
     line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window}: "
             f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
