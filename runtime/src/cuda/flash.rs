@@ -47,16 +47,19 @@ pub(crate) struct AttnDims {
 
 /// True where the flash kernels compute these dims; elsewhere the caller uses the naive
 /// kernels. Needs: `d % 8 == 0` and `8 ≤ d ≤ 128` (16-byte rows, tile widths), `nh % nkv == 0`,
-/// sizes that fit the kernels' `int` arguments, a positive finite scale (the forward takes
+/// sizes that fit the kernels' `int` arithmetic and the grid, a positive finite scale (the forward takes
 /// row maxima of unscaled scores) and a positive finite soft-cap, and a window of at least 1.
 pub(crate) fn supports(dims: &AttnDims) -> bool {
     let fits = |n: usize| i32::try_from(n).is_ok();
-    dims.d % 8 == 0
+    dims.d.is_multiple_of(8)
         && (8..=128).contains(&dims.d)
         && dims.nkv > 0
-        && dims.nh % dims.nkv == 0
-        && fits(dims.t)
+        && dims.nh.is_multiple_of(dims.nkv)
+        // Index sums such as `first key + tile + window` stay below 2·T + 256 in `int`.
+        && fits(2 * dims.t + 256)
         && fits(dims.nh + 2 * dims.nkv)
+        // Heads are the grid's y dimension.
+        && dims.nh <= 65535
         && dims.scale.is_finite()
         && dims.scale > 0.0
         && dims.softcap.is_none_or(|c| c.is_finite() && c > 0.0)
@@ -155,7 +158,10 @@ pub(crate) fn compile_flash(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, Ke
 
 /// `sm_90` → 90; `None` for a string that is not `sm_<digits>`.
 fn arch_number(arch: &str) -> Option<u32> {
-    arch.strip_prefix("sm_")?.trim_end_matches(['a', 'f']).parse().ok()
+    arch.strip_prefix("sm_")?
+        .trim_end_matches(['a', 'f'])
+        .parse()
+        .ok()
 }
 
 impl Flash {
@@ -169,8 +175,10 @@ impl Flash {
             _ => {
                 return Err(KernelError::new(
                     "attention",
-                    format!("flash attention needs sm_80 or newer (bf16 tensor cores), the device is {arch}"),
-                ))
+                    format!(
+                        "flash attention needs sm_80 or newer (bf16 tensor cores), the device is {arch}"
+                    ),
+                ));
             }
         }
         let module = ctx
@@ -225,7 +233,16 @@ impl Flash {
         dims: &AttnDims,
     ) -> Result<(), KernelError> {
         let op = "attention";
-        check(op, dims, &[("q", q.len(), dims.nh), ("k", k.len(), dims.nkv), ("v", v.len(), dims.nkv), ("out", out.len(), dims.nh)])?;
+        check(
+            op,
+            dims,
+            &[
+                ("q", q.len(), dims.nh),
+                ("k", k.len(), dims.nkv),
+                ("v", v.len(), dims.nkv),
+                ("out", out.len(), dims.nh),
+            ],
+        )?;
         if dims.t == 0 || dims.nh == 0 {
             return Ok(());
         }
@@ -302,7 +319,13 @@ impl Flash {
             ),
         ] {
             let mut b = stream.launch_builder(f);
-            b.arg(q).arg(k).arg(v).arg(g).arg(&lse).arg(&delta).arg(&mut *dqkv);
+            b.arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(g)
+                .arg(&lse)
+                .arg(&delta)
+                .arg(&mut *dqkv);
             a.push(&mut b);
             // SAFETY: the kernels' signature is (q, k, v, go, lse, delta, dqkv, T, nh, nkv, d,
             // scale, window, cap) (BWD in flash_attn.cu); buffer sizes checked above; the
@@ -480,9 +503,18 @@ mod tests {
         }
         assert!(!supports(&AttnDims { nkv: 5, ..dims(64) }));
         assert!(!supports(&AttnDims { nkv: 0, ..dims(64) }));
-        assert!(!supports(&AttnDims { window: Some(0), ..dims(64) }));
-        assert!(!supports(&AttnDims { scale: -1.0, ..dims(64) }));
-        assert!(!supports(&AttnDims { softcap: Some(0.0), ..dims(64) }));
+        assert!(!supports(&AttnDims {
+            window: Some(0),
+            ..dims(64)
+        }));
+        assert!(!supports(&AttnDims {
+            scale: -1.0,
+            ..dims(64)
+        }));
+        assert!(!supports(&AttnDims {
+            softcap: Some(0.0),
+            ..dims(64)
+        }));
         let err = check("attention", &dims(12), &[]).unwrap_err();
         assert!(err.message.contains("d % 8 == 0"), "{err}");
     }
@@ -491,7 +523,11 @@ mod tests {
     fn a_buffer_of_the_wrong_length_is_an_error_naming_it() {
         let d = dims(64);
         let err = check("attention", &d, &[("q", 4096 * 32 * 64, 32), ("k", 7, 8)]).unwrap_err();
-        assert!(err.message.contains("`k` holds 7 elements, expected 2097152"), "{err}");
+        assert!(
+            err.message
+                .contains("`k` holds 7 elements, expected 2097152"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -515,9 +551,15 @@ mod tests {
 
     #[test]
     fn a_window_as_long_as_the_sequence_is_no_window() {
-        let a = Args::new(&AttnDims { window: Some(4096), ..dims(64) });
+        let a = Args::new(&AttnDims {
+            window: Some(4096),
+            ..dims(64)
+        });
         assert_eq!(a.window, 0);
-        let a = Args::new(&AttnDims { window: Some(100), ..dims(64) });
+        let a = Args::new(&AttnDims {
+            window: Some(100),
+            ..dims(64)
+        });
         assert_eq!(a.window, 100);
     }
 
