@@ -563,6 +563,156 @@ mod tests {
         assert_eq!(a.window, 100);
     }
 
+    /// Deterministic values in [-amp, amp), rounded to bf16 (what the GPU stores).
+    fn bf16_values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32;
+                half::bf16::from_f32((2.0 * u - 1.0) * amp).to_f32()
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect()
+    }
+
+    /// ||a − b|| / ||b||, with ||b|| floored at 1e-3 per element (dq and dk are exactly zero
+    /// where every query sees one key; both sides are rounding noise there).
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let norm: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+        (diff / norm.max(1e-6 * b.len() as f64)).sqrt()
+    }
+
+    /// Heads `lo..hi` of a `[T, heads, d]` tensor.
+    fn heads(v: &[f32], t: usize, heads: usize, d: usize, lo: usize, hi: usize) -> Vec<f32> {
+        (0..t)
+            .flat_map(|i| {
+                v[(i * heads + lo) * d..(i * heads + hi) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    }
+
+    /// The launch path of flash.rs (argument order, shared memory, scratch) against the CPU
+    /// backend's attention, where a GPU is found; scripts/flash_check.py covers the kernels'
+    /// numerics and speed against PyTorch in depth.
+    #[test]
+    fn flash_matches_the_cpu_backend_on_a_gpu() {
+        use crate::tensor::{Data, HostTensor};
+        use crate::CpuBackend;
+        use qplc_ops::Op;
+        let opened = with_libraries(|| {
+            let ctx = CudaContext::new(0).map_err(|e| cuda_err("cuda", "GPU 0", e))?;
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(|e| cuda_err("cuda", "compute capability", e))?;
+            Ok((ctx, format!("sm_{major}{minor}")))
+        });
+        let (ctx, arch) = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED: no usable GPU ({e})");
+                return;
+            }
+        };
+        let arch: &'static str = Box::leak(arch.into_boxed_str());
+        let flash = Flash::new(&ctx, arch).unwrap();
+        let stream = ctx.default_stream();
+        let cpu = CpuBackend::new();
+        let f32s = |h: HostTensor| match h.data {
+            Data::F32(v) => v,
+            Data::I32(_) => panic!("attention gave an integer tensor"),
+        };
+        let cases = [
+            (1, 2, 1, 64, None, None),
+            (77, 4, 2, 32, Some(20), None),
+            (130, 4, 2, 128, None, Some(30.0)),
+            (200, 8, 2, 64, Some(50), Some(20.0)),
+            (300, 4, 4, 96, None, None),
+        ];
+        for (seed, (t, nh, nkv, d, window, softcap)) in cases.into_iter().enumerate() {
+            let dims = AttnDims {
+                t,
+                nh,
+                nkv,
+                d,
+                scale: 1.0 / (d as f32).sqrt(),
+                window,
+                softcap,
+            };
+            let seed = seed as u64 * 4;
+            let q = bf16_values(t * nh * d, seed + 1, 2.0);
+            let k = bf16_values(t * nkv * d, seed + 2, 2.0);
+            let v = bf16_values(t * nkv * d, seed + 3, 1.0);
+            let g = bf16_values(t * nh * d, seed + 4, 1.0);
+            let up = |x: &[f32]| stream.clone_htod(&bits(x)).unwrap();
+            let (q_dev, k_dev, v_dev, g_dev) = (up(&q), up(&k), up(&v), up(&g));
+            let mut out = stream.alloc_zeros::<u16>(t * nh * d).unwrap();
+            let mut dqkv = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
+            flash
+                .forward(&stream, &q_dev, &k_dev, &v_dev, &mut out, &dims)
+                .unwrap();
+            flash
+                .backward(&stream, &q_dev, &k_dev, &v_dev, &g_dev, &mut dqkv, &dims)
+                .unwrap();
+            let down = |s: &CudaSlice<u16>| -> Vec<f32> {
+                let h = stream.clone_dtoh(s).unwrap();
+                h.iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect()
+            };
+            let (out, dqkv) = (down(&out), down(&dqkv));
+
+            let host = |v: &[f32], heads: usize| HostTensor::f32(vec![t, heads, d], v.to_vec());
+            let (hq, hk, hv, hg) = (host(&q, nh), host(&k, nkv), host(&v, nkv), host(&g, nh));
+            let (scale, softcap) = (dims.scale as f64, softcap.map(|c: f32| c as f64));
+            let fwd = Op::Attention {
+                scale,
+                sliding_window: window,
+                softcap,
+            };
+            let bwd = Op::AttentionBackward {
+                scale,
+                sliding_window: window,
+                softcap,
+            };
+            let want_out = f32s(cpu.eval(&fwd, &[&hq, &hk, &hv]).unwrap());
+            let want = f32s(cpu.eval(&bwd, &[&hq, &hk, &hv, &hg]).unwrap());
+            let all = nh + 2 * nkv;
+            let parts = [
+                ("out", out.clone(), want_out),
+                (
+                    "dq",
+                    heads(&dqkv, t, all, d, 0, nh),
+                    heads(&want, t, all, d, 0, nh),
+                ),
+                (
+                    "dk",
+                    heads(&dqkv, t, all, d, nh, nh + nkv),
+                    heads(&want, t, all, d, nh, nh + nkv),
+                ),
+                (
+                    "dv",
+                    heads(&dqkv, t, all, d, nh + nkv, all),
+                    heads(&want, t, all, d, nh + nkv, all),
+                ),
+            ];
+            for (name, got, want) in parts {
+                let e = rel_err(&got, &want);
+                assert!(e <= 1e-2, "{dims:?}: {name} relative error {e:.2e}");
+            }
+        }
+    }
+
     #[test]
     fn arch_strings_parse() {
         assert_eq!(arch_number("sm_90"), Some(90));
