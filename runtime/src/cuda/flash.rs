@@ -1,0 +1,723 @@
+//! Flash attention for bf16 storage (flash_attn.cu; notes/CUDA.md "Flash attention"): the
+//! `Attention` and `AttentionBackward` ops of `qplc_ops` on tensor cores, O(T·d) memory.
+//!
+//! Operands are bf16 bits (`u16`), row-major: `q [T, nh, d]`, `k`/`v [T, nkv, d]`, output
+//! `[T, nh, d]`; the backward writes `dqkv [T, nh + 2·nkv, d]` (dq, dk, dv heads, as the op
+//! packs them). The op hands the backward neither O nor the log-sum-exp, so `backward`
+//! recomputes them: forward kernel (O and lse into scratch), `delta = rowsum(dO∘O)`, then one
+//! kernel for dQ per query block and one for dK/dV per key block. No atomics: the result is
+//! bitwise reproducible run to run.
+//!
+//! Scratch: `backward` allocates O (bf16, T·nh·d) and lse/delta (f32, nh·T each) on the given
+//! stream (stream-ordered allocation where the driver has it) and frees them when it returns;
+//! the work stays queued on the stream, ordered after the kernels that use it.
+use super::{cuda_err, with_libraries};
+use crate::backend::KernelError;
+use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+};
+use std::sync::Arc;
+
+/// CUDA C source of the flash attention kernels.
+const SOURCE: &str = include_str!("flash_attn.cu");
+
+/// Padded head widths the kernels are instantiated for (`flash_fwd_d{D}` …); a head dim
+/// `d ≤ D` runs in the smallest, with columns `d..D` zero-filled.
+const WIDTHS: [usize; 3] = [32, 64, 128];
+
+/// Shape and parameters of one attention call (`Op::Attention` / `Op::AttentionBackward`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct AttnDims {
+    /// Sequence length (one sequence, no batch axis).
+    pub t: usize,
+    /// Query heads.
+    pub nh: usize,
+    /// Key/value heads; `nh % nkv == 0` (query head `h` reads KV head `h / (nh / nkv)`).
+    pub nkv: usize,
+    /// Head dim.
+    pub d: usize,
+    /// Score scale, usually `1/√d`.
+    pub scale: f32,
+    /// Query `i` sees key `j` iff `j ≤ i` and `i − j < window`.
+    pub window: Option<usize>,
+    /// Scores become `c·tanh(s/c)` after scaling.
+    pub softcap: Option<f32>,
+}
+
+/// True where the flash kernels compute these dims; elsewhere the caller uses the naive
+/// kernels. Needs: `d % 8 == 0` and `8 ≤ d ≤ 128` (16-byte rows, tile widths), `nh % nkv == 0`,
+/// sizes that fit the kernels' `int` arithmetic and the grid, a positive finite scale (the forward takes
+/// row maxima of unscaled scores) and a positive finite soft-cap, and a window of at least 1.
+pub(crate) fn supports(dims: &AttnDims) -> bool {
+    let fits = |n: usize| i32::try_from(n).is_ok();
+    dims.d.is_multiple_of(8)
+        && (8..=128).contains(&dims.d)
+        && dims.nkv > 0
+        && dims.nh.is_multiple_of(dims.nkv)
+        // Index sums such as `first key + tile + window` stay below 2·T + 256 in `int`.
+        && fits(2 * dims.t + 256)
+        && fits(dims.nh + 2 * dims.nkv)
+        // Heads are the grid's y dimension.
+        && dims.nh <= 65535
+        && dims.scale.is_finite()
+        && dims.scale > 0.0
+        && dims.softcap.is_none_or(|c| c.is_finite() && c > 0.0)
+        && dims.window != Some(0)
+}
+
+/// Launch geometry of one padded width, as the table at the end of flash_attn.cu.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tiles {
+    /// Padded head width `D`.
+    width: usize,
+    /// Warps of the forward kernel (16 query rows each).
+    fwd_warps: usize,
+    /// Key tile of the forward and dQ kernels.
+    bc: usize,
+    /// Warps of the backward kernels (16 rows — queries for dQ, keys for dK/dV — each).
+    bwd_warps: usize,
+    /// Query tile of the dK/dV kernel.
+    bq: usize,
+}
+
+impl Tiles {
+    /// Measured on an H200 (notes/CUDA.md): 8 forward warps pay off only at `D = 128`.
+    fn for_width(width: usize) -> Tiles {
+        Tiles {
+            width,
+            fwd_warps: if width == 128 { 8 } else { 4 },
+            bc: 64,
+            bwd_warps: 4,
+            bq: 64,
+        }
+    }
+
+    fn of(d: usize) -> Tiles {
+        let width = WIDTHS.into_iter().find(|&w| d <= w).unwrap_or(128);
+        Self::for_width(width)
+    }
+
+    /// Bytes of one tile row in shared memory: `D + 8` bf16 (the 16-byte pad keeps `ldmatrix`
+    /// rows on distinct banks).
+    fn row_bytes(&self) -> usize {
+        (self.width + 8) * 2
+    }
+
+    fn fwd_smem(&self) -> usize {
+        (16 * self.fwd_warps + 4 * self.bc) * self.row_bytes()
+    }
+
+    fn dq_smem(&self) -> usize {
+        (32 * self.bwd_warps + 4 * self.bc) * self.row_bytes()
+    }
+
+    fn dkdv_smem(&self) -> usize {
+        (32 * self.bwd_warps + 4 * self.bq) * self.row_bytes() + 16 * self.bq
+    }
+}
+
+/// The kernels of one padded width.
+struct WidthKernels {
+    tiles: Tiles,
+    fwd: CudaFunction,
+    dq: CudaFunction,
+    dkdv: CudaFunction,
+}
+
+/// Flash attention kernels, compiled once for one device.
+pub(crate) struct Flash {
+    widths: Vec<WidthKernels>,
+    delta: CudaFunction,
+}
+
+/// Compiles flash_attn.cu with NVRTC for `arch` (`sm_90`); a compile error carries NVRTC's
+/// log. Needs only libnvrtc (no GPU).
+pub(crate) fn compile_flash(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, KernelError> {
+    with_libraries(|| {
+        cudarc::nvrtc::compile_ptx_with_opts(
+            SOURCE,
+            cudarc::nvrtc::CompileOptions {
+                arch: Some(arch),
+                name: Some("qplc_flash_attn.cu".into()),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| match e {
+            cudarc::nvrtc::CompileError::CompileError { log, options, .. } => KernelError::new(
+                "nvrtc",
+                format!(
+                    "flash_attn.cu does not compile (options {options:?}):\n{}",
+                    log.to_string_lossy()
+                ),
+            ),
+            other => cuda_err("nvrtc", "flash_attn.cu", other),
+        })
+    })
+}
+
+/// `sm_90` → 90; `None` for a string that is not `sm_<digits>`.
+fn arch_number(arch: &str) -> Option<u32> {
+    arch.strip_prefix("sm_")?
+        .trim_end_matches(['a', 'f'])
+        .parse()
+        .ok()
+}
+
+impl Flash {
+    /// Compiles and loads the kernels for `arch` (the device's `sm_XY`) and grants each the
+    /// shared memory it needs (up to 105 KiB at `D = 128`). Fails, with a message saying why,
+    /// before sm_80 (`mma.sync` with bf16 and `cp.async` need Ampere) or where the device
+    /// cannot give that much shared memory to one block.
+    pub(crate) fn new(ctx: &Arc<CudaContext>, arch: &'static str) -> Result<Self, KernelError> {
+        match arch_number(arch) {
+            Some(n) if n >= 80 => {}
+            _ => {
+                return Err(KernelError::new(
+                    "attention",
+                    format!(
+                        "flash attention needs sm_80 or newer (bf16 tensor cores), the device is {arch}"
+                    ),
+                ));
+            }
+        }
+        let module = ctx
+            .load_module(compile_flash(arch)?)
+            .map_err(|e| cuda_err("attention", "loading flash_attn.cu", e))?;
+        let load = |name: &str, smem: usize| -> Result<CudaFunction, KernelError> {
+            let f = module
+                .load_function(name)
+                .map_err(|e| cuda_err("attention", &format!("kernel `{name}`"), e))?;
+            f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+                .map_err(|e| {
+                    cuda_err(
+                        "attention",
+                        &format!("kernel `{name}` needs {smem} bytes of shared memory per block"),
+                        e,
+                    )
+                })?;
+            Ok(f)
+        };
+        let mut widths = Vec::new();
+        for w in WIDTHS {
+            let tiles = Tiles::for_width(w);
+            widths.push(WidthKernels {
+                tiles,
+                fwd: load(&format!("flash_fwd_d{w}"), tiles.fwd_smem())?,
+                dq: load(&format!("flash_bwd_dq_d{w}"), tiles.dq_smem())?,
+                dkdv: load(&format!("flash_bwd_dkdv_d{w}"), tiles.dkdv_smem())?,
+            });
+        }
+        let delta = module
+            .load_function("flash_bwd_delta")
+            .map_err(|e| cuda_err("attention", "kernel `flash_bwd_delta`", e))?;
+        Ok(Flash { widths, delta })
+    }
+
+    fn kernels(&self, d: usize) -> &WidthKernels {
+        let width = Tiles::of(d).width;
+        self.widths
+            .iter()
+            .find(|k| k.tiles.width == width)
+            .unwrap_or(&self.widths[self.widths.len() - 1])
+    }
+
+    /// `out = softmax(mask(cap(scale·q·kᵀ)))·v` per head, bf16 in and out, f32 inside.
+    pub(crate) fn forward(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        dims: &AttnDims,
+    ) -> Result<(), KernelError> {
+        let op = "attention";
+        check(
+            op,
+            dims,
+            &[
+                ("q", q.len(), dims.nh),
+                ("k", k.len(), dims.nkv),
+                ("v", v.len(), dims.nkv),
+                ("out", out.len(), dims.nh),
+            ],
+        )?;
+        if dims.t == 0 || dims.nh == 0 {
+            return Ok(());
+        }
+        self.launch_forward(op, stream, q, k, v, out, None, dims)
+    }
+
+    /// Gradients of `forward` for the output gradient `g [T, nh, d]`, packed into
+    /// `dqkv [T, nh + 2·nkv, d]`; every element of `dqkv` is written.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn backward(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        g: &CudaSlice<u16>,
+        dqkv: &mut CudaSlice<u16>,
+        dims: &AttnDims,
+    ) -> Result<(), KernelError> {
+        let op = "attention_backward";
+        check(
+            op,
+            dims,
+            &[
+                ("q", q.len(), dims.nh),
+                ("k", k.len(), dims.nkv),
+                ("v", v.len(), dims.nkv),
+                ("g", g.len(), dims.nh),
+                ("dqkv", dqkv.len(), dims.nh + 2 * dims.nkv),
+            ],
+        )?;
+        if dims.t == 0 || dims.nh == 0 {
+            return Ok(());
+        }
+        let (t, nh) = (dims.t, dims.nh);
+        let scratch = |what: &str, e| cuda_err(op, &format!("allocating the {what} scratch"), e);
+        // SAFETY: every element of the three buffers is written by the kernels below before
+        // any kernel reads it (forward: all of O and lse; delta: all of delta), in stream order.
+        let mut o = unsafe { stream.alloc::<u16>(t * nh * dims.d) }.map_err(|e| scratch("O", e))?;
+        let mut lse = unsafe { stream.alloc::<f32>(nh * t) }.map_err(|e| scratch("lse", e))?;
+        let mut delta = unsafe { stream.alloc::<f32>(nh * t) }.map_err(|e| scratch("delta", e))?;
+        self.launch_forward(op, stream, q, k, v, &mut o, Some(&mut lse), dims)?;
+
+        let (ti, nhi, di) = (t as i32, nh as i32, dims.d as i32);
+        let rows_per_block = 8; // one warp per (row, head), 256 threads
+        let cfg = LaunchConfig {
+            grid_dim: ((t * nh).div_ceil(rows_per_block) as u32, 1, 1),
+            block_dim: (32 * rows_per_block as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&self.delta);
+        b.arg(&o).arg(g).arg(&mut delta).arg(&ti).arg(&nhi).arg(&di);
+        // SAFETY: flash_bwd_delta(const u16* o, const u16* g, float* delta, int T, int nh,
+        // int d); o and g hold T·nh·d elements, delta nh·T (checked above / allocated so).
+        unsafe { b.launch(cfg) }.map_err(|e| cuda_err(op, "flash_bwd_delta launch", e))?;
+
+        let kern = self.kernels(dims.d);
+        let tl = kern.tiles;
+        let a = Args::new(dims);
+        for (f, grid, threads, smem, what) in [
+            (
+                &kern.dq,
+                (t.div_ceil(16 * tl.bwd_warps), nh),
+                32 * tl.bwd_warps,
+                tl.dq_smem(),
+                "flash_bwd_dq",
+            ),
+            (
+                &kern.dkdv,
+                (t.div_ceil(16 * tl.bwd_warps), dims.nkv),
+                32 * tl.bwd_warps,
+                tl.dkdv_smem(),
+                "flash_bwd_dkdv",
+            ),
+        ] {
+            let mut b = stream.launch_builder(f);
+            b.arg(q)
+                .arg(k)
+                .arg(v)
+                .arg(g)
+                .arg(&lse)
+                .arg(&delta)
+                .arg(&mut *dqkv);
+            a.push(&mut b);
+            // SAFETY: the kernels' signature is (q, k, v, go, lse, delta, dqkv, T, nh, nkv, d,
+            // scale, window, cap) (BWD in flash_attn.cu); buffer sizes checked above; the
+            // shared memory was granted in `new`.
+            unsafe { b.launch(config(grid, threads, smem)) }
+                .map_err(|e| cuda_err(op, &format!("{what} launch"), e))?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch_forward(
+        &self,
+        op: &'static str,
+        stream: &Arc<CudaStream>,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        out: &mut CudaSlice<u16>,
+        lse: Option<&mut CudaSlice<f32>>,
+        dims: &AttnDims,
+    ) -> Result<(), KernelError> {
+        let kern = self.kernels(dims.d);
+        let tl = kern.tiles;
+        let a = Args::new(dims);
+        let null: u64 = 0;
+        let mut b = stream.launch_builder(&kern.fwd);
+        b.arg(q).arg(k).arg(v).arg(out);
+        match lse {
+            Some(l) => b.arg(l),
+            None => b.arg(&null),
+        };
+        a.push(&mut b);
+        let grid = (dims.t.div_ceil(16 * tl.fwd_warps), dims.nh);
+        // SAFETY: flash_fwd_d{D}(q, k, v, o, lse (may be null), T, nh, nkv, d, scale, window,
+        // cap) (FWD in flash_attn.cu); buffer sizes checked by the caller; lse, when given,
+        // holds nh·T floats; the shared memory was granted in `new`.
+        unsafe { b.launch(config(grid, 32 * tl.fwd_warps, tl.fwd_smem())) }
+            .map_err(|e| cuda_err(op, "flash_fwd launch", e))?;
+        Ok(())
+    }
+}
+
+/// The scalar kernel arguments shared by every entry point, as the kernels take them.
+struct Args {
+    t: i32,
+    nh: i32,
+    nkv: i32,
+    d: i32,
+    scale: f32,
+    /// 0: no window. A window at least T long hides nothing, so it is passed as none (and
+    /// always fits an `int`).
+    window: i32,
+    /// 0: no soft-cap.
+    cap: f32,
+}
+
+impl Args {
+    fn new(dims: &AttnDims) -> Args {
+        Args {
+            t: dims.t as i32,
+            nh: dims.nh as i32,
+            nkv: dims.nkv as i32,
+            d: dims.d as i32,
+            scale: dims.scale,
+            window: dims.window.filter(|&w| w < dims.t).map_or(0, |w| w as i32),
+            cap: dims.softcap.unwrap_or(0.0),
+        }
+    }
+
+    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        b.arg(&self.t)
+            .arg(&self.nh)
+            .arg(&self.nkv)
+            .arg(&self.d)
+            .arg(&self.scale)
+            .arg(&self.window)
+            .arg(&self.cap);
+    }
+}
+
+fn config(grid: (usize, usize), threads: usize, smem: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    }
+}
+
+/// Dims the kernels support and buffers of exactly `T·heads·d` elements, else an error
+/// naming what was expected.
+fn check(
+    op: &'static str,
+    dims: &AttnDims,
+    buffers: &[(&str, usize, usize)],
+) -> Result<(), KernelError> {
+    if !supports(dims) {
+        return Err(KernelError::new(
+            op,
+            format!(
+                "flash attention does not support {dims:?} (needs d % 8 == 0 and 8 ≤ d ≤ 128, \
+                 nh a multiple of nkv, scale > 0, softcap > 0, window ≥ 1)"
+            ),
+        ));
+    }
+    for &(name, len, heads) in buffers {
+        let want = dims.t * heads * dims.d;
+        if len != want {
+            return Err(KernelError::new(
+                op,
+                format!(
+                    "`{name}` holds {len} elements, expected {want} ([{}, {heads}, {}])",
+                    dims.t, dims.d
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims(d: usize) -> AttnDims {
+        AttnDims {
+            t: 4096,
+            nh: 32,
+            nkv: 8,
+            d,
+            scale: 1.0 / (d as f32).sqrt(),
+            window: None,
+            softcap: None,
+        }
+    }
+
+    #[test]
+    fn flash_kernels_compile_with_nvrtc_for_hopper() {
+        match compile_flash("sm_90") {
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                for w in WIDTHS {
+                    for k in ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"] {
+                        let entry = format!(".entry {k}_d{w}(");
+                        assert!(src.contains(&entry), "missing {entry}");
+                    }
+                }
+                assert!(src.contains(".entry flash_bwd_delta("));
+                assert!(src.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+            }
+            Err(e) if e.message.contains("could not be loaded") => {
+                eprintln!("SKIPPED: libnvrtc not found ({e})")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn llama_shapes_and_tiny_head_dims_are_supported() {
+        for d in [8, 16, 32, 64, 96, 128] {
+            assert!(supports(&dims(d)), "d = {d}");
+        }
+        let windowed = AttnDims {
+            window: Some(1),
+            softcap: Some(50.0),
+            ..dims(128)
+        };
+        assert!(supports(&windowed));
+    }
+
+    #[test]
+    fn unsupported_dims_are_refused_so_the_caller_can_fall_back() {
+        for d in [0, 4, 12, 136, 256] {
+            assert!(!supports(&dims(d)), "d = {d}");
+        }
+        assert!(!supports(&AttnDims { nkv: 5, ..dims(64) }));
+        assert!(!supports(&AttnDims { nkv: 0, ..dims(64) }));
+        assert!(!supports(&AttnDims {
+            window: Some(0),
+            ..dims(64)
+        }));
+        assert!(!supports(&AttnDims {
+            scale: -1.0,
+            ..dims(64)
+        }));
+        assert!(!supports(&AttnDims {
+            softcap: Some(0.0),
+            ..dims(64)
+        }));
+        let err = check("attention", &dims(12), &[]).unwrap_err();
+        assert!(err.message.contains("d % 8 == 0"), "{err}");
+    }
+
+    #[test]
+    fn a_buffer_of_the_wrong_length_is_an_error_naming_it() {
+        let d = dims(64);
+        let err = check("attention", &d, &[("q", 4096 * 32 * 64, 32), ("k", 7, 8)]).unwrap_err();
+        assert!(
+            err.message
+                .contains("`k` holds 7 elements, expected 2097152"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn head_dims_run_in_the_smallest_tile_that_holds_them() {
+        let widths: Vec<usize> = [8, 32, 40, 64, 72, 128].map(|d| Tiles::of(d).width).into();
+        assert_eq!(widths, [32, 32, 64, 64, 128, 128]);
+    }
+
+    #[test]
+    fn shared_memory_fits_an_sm80_block() {
+        // A100's opt-in limit (163 KiB) is the smallest of the devices the kernels target
+        // (H100/H200: 227 KiB).
+        for w in WIDTHS {
+            let t = Tiles::for_width(w);
+            for smem in [t.fwd_smem(), t.dq_smem(), t.dkdv_smem()] {
+                assert!(smem <= 163 * 1024, "D = {w}: {smem} bytes");
+            }
+        }
+        assert_eq!(Tiles::for_width(128).fwd_smem(), (128 + 256) * 136 * 2);
+    }
+
+    #[test]
+    fn a_window_as_long_as_the_sequence_is_no_window() {
+        let a = Args::new(&AttnDims {
+            window: Some(4096),
+            ..dims(64)
+        });
+        assert_eq!(a.window, 0);
+        let a = Args::new(&AttnDims {
+            window: Some(100),
+            ..dims(64)
+        });
+        assert_eq!(a.window, 100);
+    }
+
+    /// Deterministic values in [-amp, amp), rounded to bf16 (what the GPU stores).
+    fn bf16_values(n: usize, seed: u64, amp: f32) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let u = (x >> 40) as f32 / (1u64 << 24) as f32;
+                half::bf16::from_f32((2.0 * u - 1.0) * amp).to_f32()
+            })
+            .collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::bf16::from_f32(x).to_bits())
+            .collect()
+    }
+
+    /// ||a − b|| / ||b||, with ||b|| floored at 1e-3 per element (dq and dk are exactly zero
+    /// where every query sees one key; both sides are rounding noise there).
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let diff: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let norm: f64 = b.iter().map(|&y| (y as f64).powi(2)).sum();
+        (diff / norm.max(1e-6 * b.len() as f64)).sqrt()
+    }
+
+    /// Heads `lo..hi` of a `[T, heads, d]` tensor.
+    fn heads(v: &[f32], t: usize, heads: usize, d: usize, lo: usize, hi: usize) -> Vec<f32> {
+        (0..t)
+            .flat_map(|i| {
+                v[(i * heads + lo) * d..(i * heads + hi) * d]
+                    .iter()
+                    .copied()
+            })
+            .collect()
+    }
+
+    /// The launch path of flash.rs (argument order, shared memory, scratch) against the CPU
+    /// backend's attention, where a GPU is found; scripts/flash_check.py covers the kernels'
+    /// numerics and speed against PyTorch in depth.
+    #[test]
+    fn flash_matches_the_cpu_backend_on_a_gpu() {
+        use crate::tensor::{Data, HostTensor};
+        use crate::CpuBackend;
+        use qplc_ops::Op;
+        let opened = with_libraries(|| {
+            let ctx = CudaContext::new(0).map_err(|e| cuda_err("cuda", "GPU 0", e))?;
+            let (major, minor) = ctx
+                .compute_capability()
+                .map_err(|e| cuda_err("cuda", "compute capability", e))?;
+            Ok((ctx, format!("sm_{major}{minor}")))
+        });
+        let (ctx, arch) = match opened {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("SKIPPED: no usable GPU ({e})");
+                return;
+            }
+        };
+        let arch: &'static str = Box::leak(arch.into_boxed_str());
+        let flash = Flash::new(&ctx, arch).unwrap();
+        let stream = ctx.default_stream();
+        let cpu = CpuBackend::new();
+        let f32s = |h: HostTensor| match h.data {
+            Data::F32(v) => v,
+            Data::I32(_) => panic!("attention gave an integer tensor"),
+        };
+        let cases = [
+            (1, 2, 1, 64, None, None),
+            (77, 4, 2, 32, Some(20), None),
+            (130, 4, 2, 128, None, Some(30.0)),
+            (200, 8, 2, 64, Some(50), Some(20.0)),
+            (300, 4, 4, 96, None, None),
+        ];
+        for (seed, (t, nh, nkv, d, window, softcap)) in cases.into_iter().enumerate() {
+            let dims = AttnDims {
+                t,
+                nh,
+                nkv,
+                d,
+                scale: 1.0 / (d as f32).sqrt(),
+                window,
+                softcap,
+            };
+            let seed = seed as u64 * 4;
+            let q = bf16_values(t * nh * d, seed + 1, 2.0);
+            let k = bf16_values(t * nkv * d, seed + 2, 2.0);
+            let v = bf16_values(t * nkv * d, seed + 3, 1.0);
+            let g = bf16_values(t * nh * d, seed + 4, 1.0);
+            let up = |x: &[f32]| stream.clone_htod(&bits(x)).unwrap();
+            let (q_dev, k_dev, v_dev, g_dev) = (up(&q), up(&k), up(&v), up(&g));
+            let mut out = stream.alloc_zeros::<u16>(t * nh * d).unwrap();
+            let mut dqkv = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
+            flash
+                .forward(&stream, &q_dev, &k_dev, &v_dev, &mut out, &dims)
+                .unwrap();
+            flash
+                .backward(&stream, &q_dev, &k_dev, &v_dev, &g_dev, &mut dqkv, &dims)
+                .unwrap();
+            let down = |s: &CudaSlice<u16>| -> Vec<f32> {
+                let h = stream.clone_dtoh(s).unwrap();
+                h.iter()
+                    .map(|&b| half::bf16::from_bits(b).to_f32())
+                    .collect()
+            };
+            let (out, dqkv) = (down(&out), down(&dqkv));
+
+            let host = |v: &[f32], heads: usize| HostTensor::f32(vec![t, heads, d], v.to_vec());
+            let (hq, hk, hv, hg) = (host(&q, nh), host(&k, nkv), host(&v, nkv), host(&g, nh));
+            let (scale, softcap) = (dims.scale as f64, softcap.map(|c: f32| c as f64));
+            let fwd = Op::Attention {
+                scale,
+                sliding_window: window,
+                softcap,
+            };
+            let bwd = Op::AttentionBackward {
+                scale,
+                sliding_window: window,
+                softcap,
+            };
+            let want_out = f32s(cpu.eval(&fwd, &[&hq, &hk, &hv]).unwrap());
+            let want = f32s(cpu.eval(&bwd, &[&hq, &hk, &hv, &hg]).unwrap());
+            let all = nh + 2 * nkv;
+            let parts = [
+                ("out", out.clone(), want_out),
+                (
+                    "dq",
+                    heads(&dqkv, t, all, d, 0, nh),
+                    heads(&want, t, all, d, 0, nh),
+                ),
+                (
+                    "dk",
+                    heads(&dqkv, t, all, d, nh, nh + nkv),
+                    heads(&want, t, all, d, nh, nh + nkv),
+                ),
+                (
+                    "dv",
+                    heads(&dqkv, t, all, d, nh + nkv, all),
+                    heads(&want, t, all, d, nh + nkv, all),
+                ),
+            ];
+            for (name, got, want) in parts {
+                let e = rel_err(&got, &want);
+                assert!(e <= 1e-2, "{dims:?}: {name} relative error {e:.2e}");
+            }
+        }
+    }
+
+    #[test]
+    fn arch_strings_parse() {
+        assert_eq!(arch_number("sm_90"), Some(90));
+        assert_eq!(arch_number("sm_90a"), Some(90));
+        assert_eq!(arch_number("sm_75"), Some(75));
+        assert_eq!(arch_number("compute_90"), None);
+    }
+}

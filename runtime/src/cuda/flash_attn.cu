@@ -1,0 +1,618 @@
+// Flash attention (FlashAttention-2 scheme) for bf16 storage: causal, grouped-query, optional
+// sliding window and soft-cap; the semantics of `Op::Attention` / `Op::AttentionBackward`
+// (runtime/src/cpu/attention*.rs is the reference). Compiled by NVRTC with no headers, so the
+// tensor-core products are inline PTX: `mma.sync.m16n8k16` (bf16 in, f32 accumulate) fed by
+// `ldmatrix` from shared memory, tiles filled by `cp.async` (double-buffered).
+//
+// Layouts: q/out [T, nh, d], k/v [T, nkv, d], row-major bf16 bits (u16); d % 8 == 0 and d <= the
+// kernel's D (columns d..D of a tile are zero-filled, so one kernel serves every d <= D).
+// Backward output dqkv [T, nh + 2*nkv, d]. Per-row statistics (lse, delta) are f32 [nh, T];
+// lse is kept in log2 units (scores are multiplied by log2(e) once, then exp2 everywhere).
+//
+// Backward without atomics, deterministic: one kernel owns dK/dV of a key block (looping over
+// every query head of its KV group), another owns dQ of a query block; both recompute P from
+// the lse the forward kernel wrote. Costs two extra tile products over the atomic-dq scheme
+// but every gradient is written once, in a fixed summation order.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): with g = lane/4, t = lane%4, an f32
+// accumulator tile 16x8 holds (row g, cols 2t,2t+1) in c0,c1 and (row g+8, same cols) in c2,c3.
+// An A fragment 16x16 is a0=(g, 2t..), a1=(g+8, 2t..), a2=(g, 2t+8..), a3=(g+8, 2t+8..): two
+// adjacent accumulator tiles converted to bf16 pairs form one A fragment, which is how P and dS
+// feed the second product without a trip through shared memory.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define LOG2E 1.4426950408889634f
+#define NEG_INF __int_as_float(0xff800000)
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// 16 bytes global -> shared, asynchronously; `ok == false` writes zeros (rows past T, columns
+// past d) without reading `src`.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool ok) {
+    int n = ok ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+// 4 bytes, for the per-row statistics (rows of one head are not 16-byte aligned in general).
+__device__ __forceinline__ void cp_async4(u32 dst, const void* src, bool ok) {
+    int n = ok ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// volatile: shared memory changes between loop iterations at the same address.
+__device__ __forceinline__ void ldsm_x4(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(u32* r, u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> bf16x2 (round to nearest even), `lo` in the low half.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// 2^x by the SFU (exp2f adds denormal handling we do not need: P is rounded to bf16 anyway).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ float bf16_f32(u16 x) { return __uint_as_float(((u32)x) << 16); }
+__device__ __forceinline__ float bf16_lo(u32 x) { return __uint_as_float(x << 16); }
+__device__ __forceinline__ float bf16_hi(u32 x) { return __uint_as_float(x & 0xffff0000u); }
+
+// acc[NB] (16 x 8NB) += A · Bᵀ: A is 16 rows x 16KS at sA, B is 8NB rows x 16KS at sB (both
+// row-major, LD elements per row) — Q·Kᵀ, dO·Vᵀ, K·Qᵀ, V·dOᵀ.
+template <int KS, int NB, int LD>
+__device__ __forceinline__ void mma_nt(float (*acc)[4], const u16* sA, const u16* sB, int lane) {
+    const u32 a_base = smem_u32(sA + (lane & 15) * LD + (lane >> 4) * 8);
+    const u32 b_base = smem_u32(sB + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        u32 a[4];
+        ldsm_x4(a, a_base + ks * 32);
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4(b, b_base + (nb * 8 * LD + ks * 16) * 2);
+            mma16816(acc[nb], a, b[0], b[1]);
+            mma16816(acc[nb + 1], a, b[2], b[3]);
+        }
+    }
+}
+
+// As `mma_nt` with A already in registers (the forward's Q, loaded once per CTA).
+template <int KS, int NB, int LD>
+__device__ __forceinline__ void mma_rt(float (*acc)[4], const u32 (*a)[4], const u16* sB, int lane) {
+    const u32 b_base = smem_u32(sB + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4(b, b_base + (nb * 8 * LD + ks * 16) * 2);
+            mma16816(acc[nb], a[ks], b[0], b[1]);
+            mma16816(acc[nb + 1], a[ks], b[2], b[3]);
+        }
+    }
+}
+
+// acc[NB] (16 x 8NB) += A · B: A is KS register fragments (16 x 16KS), B is 16KS rows x 8NB at sB
+// (row-major) — P·V, P·dO, dS·K, dS·Q.
+template <int KS, int NB, int LD>
+__device__ __forceinline__ void mma_rn(float (*acc)[4], const u32 (*a)[4], const u16* sB, int lane) {
+    const u32 b_base = smem_u32(sB + ((lane & 7) + (((lane >> 3) & 1) << 3)) * LD + (lane >> 4) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4_t(b, b_base + (ks * 16 * LD + nb * 8) * 2);
+            mma16816(acc[nb], a[ks], b[0], b[1]);
+            mma16816(acc[nb + 1], a[ks], b[2], b[3]);
+        }
+    }
+}
+
+// Accumulator tiles (16 x 16KS, f32) -> A fragments (bf16).
+template <int KS> __device__ __forceinline__ void to_frags(u32 (*f)[4], const float (*acc)[4]) {
+#pragma unroll
+    for (int k = 0; k < KS; ++k) {
+        f[k][0] = pack_bf16(acc[2 * k][0], acc[2 * k][1]);
+        f[k][1] = pack_bf16(acc[2 * k][2], acc[2 * k][3]);
+        f[k][2] = pack_bf16(acc[2 * k + 1][0], acc[2 * k + 1][1]);
+        f[k][3] = pack_bf16(acc[2 * k + 1][2], acc[2 * k + 1][3]);
+    }
+}
+
+// Rows row0.. of one head (row stride `gs` elements) into a ROWS x D tile; rows >= T and columns
+// >= d are zeros (so padded keys/queries contribute nothing and never carry NaN garbage).
+template <int ROWS, int D, int LD, int NT>
+__device__ __forceinline__ void load_tile(u16* s, const u16* g, int row0, int T, long long gs, int d, int tid) {
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int c = tid; c < ROWS * CH; c += NT) {
+        const int r = c / CH, col = (c % CH) * 8, row = row0 + r;
+        const bool ok = row < T && col < d;
+        cp_async16(smem_u32(s + r * LD + col), ok ? g + row * gs + col : g, ok);
+    }
+}
+
+// Score in log2 units after scale and soft-cap; `dcap` gets d(capped)/d(scaled) (1 without cap).
+// `sl2` = scale·log2(e), `sc` = scale / cap, `cl2` = cap·log2(e) (precomputed per kernel).
+__device__ __forceinline__ float score2(float x, float sl2, float sc, float cl2, float* dcap) {
+    if (cl2 > 0.0f) {
+        const float th = tanhf(x * sc);
+        *dcap = 1.0f - th * th;
+        return cl2 * th;
+    }
+    *dcap = 1.0f;
+    return x * sl2;
+}
+
+__device__ __forceinline__ bool hidden(int i, int j, int window) {
+    return j > i || (window > 0 && i - j >= window);
+}
+
+// First key a query block starting at q0 can see.
+__device__ __forceinline__ int first_key(int q0, int window) { return window > 0 ? max(0, q0 - window + 1) : 0; }
+
+// ---------------------------------------------------------------------------------------------
+// Forward: one CTA per (query block of 16·NW rows, head); each warp owns 16 query rows and keeps
+// O (16 x D, f32) in registers while key/value tiles of BC rows stream through shared memory.
+// Writes lse (log2 units) when `lse` is not null (the backward's recomputation needs it).
+template <int D, int NW, int BC>
+__device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k,
+                                          const u16* __restrict__ v, u16* __restrict__ o, float* __restrict__ lse,
+                                          int T, int nh, int nkv, int d, float scale, int window, float cap) {
+    constexpr int BR = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sQ = smem;
+    u16* sK = sQ + BR * LD;
+    u16* sV = sK + 2 * BC * LD;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
+    // Longest (last) query blocks first: causal work grows with the block index.
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const long long qs = (long long)nh * d, ks = (long long)nkv * d;
+    const u16* qh = q + (long long)h * d;
+    const u16* kp = k + (long long)kh * d;
+    const u16* vp = v + (long long)kh * d;
+    const int kt0 = first_key(q0, window) / BC, kt1 = (min(T, q0 + BR) + BC - 1) / BC;
+
+    load_tile<BR, D, LD, NT>(sQ, qh, q0, T, qs, d, tid);
+    load_tile<BC, D, LD, NT>(sK, kp, kt0 * BC, T, ks, d, tid);
+    load_tile<BC, D, LD, NT>(sV, vp, kt0 * BC, T, ks, d, tid);
+    cp_commit();
+
+    float acc[NO][4];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    const int w0 = q0 + warp * 16;
+    const int rows[2] = {w0 + g, w0 + g + 8};
+    // Q fragments stay in registers for the whole key loop.
+    cp_wait<0>();
+    __syncthreads();
+    u32 qf[KS][4];
+    {
+        const u32 a_base = smem_u32(sQ + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], a_base + ks * 32);
+    }
+
+    for (int kt = kt0; kt < kt1; ++kt) {
+        const int buf = (kt - kt0) & 1;
+        if (kt + 1 < kt1) {
+            load_tile<BC, D, LD, NT>(sK + (buf ^ 1) * BC * LD, kp, (kt + 1) * BC, T, ks, d, tid);
+            load_tile<BC, D, LD, NT>(sV + (buf ^ 1) * BC * LD, vp, (kt + 1) * BC, T, ks, d, tid);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        const int k0 = kt * BC;
+        // Whole tile hidden from this warp's rows (a CTA's block spans more keys than a warp's).
+        const bool skip = k0 > w0 + 15 || (window > 0 && w0 - (k0 + BC - 1) >= window);
+        if (!skip) {
+            float s[NB][4];
+#pragma unroll
+            for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+            mma_rt<KS, NB, LD>(s, qf, sK + buf * BC * LD, lane);
+            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+            // Interior tiles without soft-cap (most of the work) keep raw scores: the row max is
+            // taken raw (scale > 0 keeps the order) and scaling folds into the exponent's FMA.
+            const bool raw = !mask && cl2 <= 0.0f;
+            float mx[2] = {m[0], m[1]};
+            if (raw) {
+                float tmx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+                    tmx[0] = fmaxf(tmx[0], fmaxf(s[nb][0], s[nb][1]));
+                    tmx[1] = fmaxf(tmx[1], fmaxf(s[nb][2], s[nb][3]));
+                }
+                mx[0] = fmaxf(mx[0], tmx[0] * sl2);
+                mx[1] = fmaxf(mx[1], tmx[1] * sl2);
+            } else {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        float dc;
+                        float x = score2(s[nb][r], sl2, sc, cl2, &dc);
+                        if (mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window)) x = NEG_INF;
+                        s[nb][r] = x;
+                        mx[r >> 1] = fmaxf(mx[r >> 1], x);
+                    }
+                }
+            }
+            float corr[2], base[2], rs[2] = {0.0f, 0.0f};
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+                // A row with nothing visible yet keeps max −inf; exp2(−inf − 0) = 0 keeps it empty.
+                base[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
+                corr[i] = ex2(m[i] - base[i]);
+                m[i] = mx[i];
+            }
+            if (raw) {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        s[nb][r] = ex2(fmaf(s[nb][r], sl2, -base[r >> 1]));
+                        rs[r >> 1] += s[nb][r];
+                    }
+                }
+            } else {
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        s[nb][r] = ex2(s[nb][r] - base[r >> 1]);
+                        rs[r >> 1] += s[nb][r];
+                    }
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) l[i] = l[i] * corr[i] + rs[i];
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                acc[no][0] *= corr[0];
+                acc[no][1] *= corr[0];
+                acc[no][2] *= corr[1];
+                acc[no][3] *= corr[1];
+            }
+            u32 p[BC / 16][4];
+            to_frags<BC / 16>(p, s);
+            mma_rn<BC / 16, NO, LD>(acc, p, sV + buf * BC * LD, lane);
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
+        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
+    }
+    const float inv[2] = {l[0] > 0.0f ? 1.0f / l[0] : 0.0f, l[1] > 0.0f ? 1.0f / l[1] : 0.0f};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (rows[i] >= T) continue;
+        u16* orow = o + (long long)rows[i] * qs + (long long)h * d;
+#pragma unroll
+        for (int no = 0; no < NO; ++no) {
+            const int col = no * 8 + 2 * t4;
+            if (col < d) *(u32*)(orow + col) = pack_bf16(acc[no][2 * i] * inv[i], acc[no][2 * i + 1] * inv[i]);
+        }
+        if (lse != 0 && t4 == 0) lse[(long long)h * T + rows[i]] = m[i] + log2f(l[i]);
+    }
+}
+
+// delta[h, i] = Σ_c dO[i, h, c]·O[i, h, c] (the softmax backward's row term); one warp per row.
+extern "C" __global__ void flash_bwd_delta(const u16* __restrict__ o, const u16* __restrict__ g,
+                                           float* __restrict__ delta, int T, int nh, int d) {
+    const long long idx = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (idx >= (long long)T * nh) return;
+    const u16* orow = o + idx * d;
+    const u16* grow = g + idx * d;
+    float sum = 0.0f;
+    for (int c = lane; c < d; c += 32) sum += bf16_f32(orow[c]) * bf16_f32(grow[c]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, off);
+    if (lane == 0) delta[(idx % nh) * T + idx / nh] = sum;
+}
+
+// ---------------------------------------------------------------------------------------------
+// dQ: one CTA per (query block, head), the forward's tiling. Per key tile:
+// S = Q·Kᵀ, dP = dO·Vᵀ, P = exp2(S₂ − lse), dS = P∘(dP − delta)∘cap', dQ += dS·K; dQ·scale at the end.
+template <int D, int NW, int BC>
+__device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k,
+                                             const u16* __restrict__ v, const u16* __restrict__ go,
+                                             const float* __restrict__ lse, const float* __restrict__ delta,
+                                             u16* __restrict__ dqkv, int T, int nh, int nkv, int d, float scale,
+                                             int window, float cap) {
+    constexpr int BR = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sQ = smem;
+    u16* sG = sQ + BR * LD;
+    u16* sK = sG + BR * LD;
+    u16* sV = sK + 2 * BC * LD;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
+    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const long long qs = (long long)nh * d, ks = (long long)nkv * d;
+    const u16* kp = k + (long long)kh * d;
+    const u16* vp = v + (long long)kh * d;
+    const int kt0 = first_key(q0, window) / BC, kt1 = (min(T, q0 + BR) + BC - 1) / BC;
+
+    load_tile<BR, D, LD, NT>(sQ, q + (long long)h * d, q0, T, qs, d, tid);
+    load_tile<BR, D, LD, NT>(sG, go + (long long)h * d, q0, T, qs, d, tid);
+    load_tile<BC, D, LD, NT>(sK, kp, kt0 * BC, T, ks, d, tid);
+    load_tile<BC, D, LD, NT>(sV, vp, kt0 * BC, T, ks, d, tid);
+    cp_commit();
+
+    const int w0 = q0 + warp * 16;
+    const int rows[2] = {w0 + g, w0 + g + 8};
+    float L[2], Dl[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        // Padded rows: dO is zero there, so dS is zero whatever P is.
+        L[i] = rows[i] < T ? lse[(long long)h * T + rows[i]] : 0.0f;
+        Dl[i] = rows[i] < T ? delta[(long long)h * T + rows[i]] : 0.0f;
+    }
+    float dq[NO][4];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+
+    for (int kt = kt0; kt < kt1; ++kt) {
+        const int buf = (kt - kt0) & 1;
+        if (kt + 1 < kt1) {
+            load_tile<BC, D, LD, NT>(sK + (buf ^ 1) * BC * LD, kp, (kt + 1) * BC, T, ks, d, tid);
+            load_tile<BC, D, LD, NT>(sV + (buf ^ 1) * BC * LD, vp, (kt + 1) * BC, T, ks, d, tid);
+        }
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        const int k0 = kt * BC;
+        const bool skip = k0 > w0 + 15 || (window > 0 && w0 - (k0 + BC - 1) >= window);
+        if (!skip) {
+            float s[NB][4], dp[NB][4];
+#pragma unroll
+            for (int i = 0; i < NB; ++i) {
+                s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+                dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
+            }
+            mma_nt<KS, NB, LD>(s, sQ + warp * 16 * LD, sK + buf * BC * LD, lane);
+            mma_nt<KS, NB, LD>(dp, sG + warp * 16 * LD, sV + buf * BC * LD, lane);
+            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    float dc;
+                    const float x = score2(s[nb][r], sl2, sc, cl2, &dc);
+                    const bool hid = mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window);
+                    const float p = hid ? 0.0f : ex2(x - L[r >> 1]);
+                    s[nb][r] = p * (dp[nb][r] - Dl[r >> 1]) * dc;
+                }
+            }
+            u32 f[BC / 16][4];
+            to_frags<BC / 16>(f, s);
+            mma_rn<BC / 16, NO, LD>(dq, f, sK + buf * BC * LD, lane);
+        }
+        __syncthreads();
+    }
+
+    const long long os = (long long)(nh + 2 * nkv) * d;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (rows[i] >= T) continue;
+        u16* orow = dqkv + (long long)rows[i] * os + (long long)h * d;
+#pragma unroll
+        for (int no = 0; no < NO; ++no) {
+            const int col = no * 8 + 2 * t4;
+            if (col < d) *(u32*)(orow + col) = pack_bf16(dq[no][2 * i] * scale, dq[no][2 * i + 1] * scale);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dK, dV: one CTA per (key block of 16·NW keys, KV head); each warp owns 16 keys and keeps their
+// dK and dV (16 x D each, f32) in registers over every query head of the group and every query
+// tile of BQ rows that can see the block (causal: from the block on; window: up to w past it).
+// Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ = exp2(Sᵀ₂ − lse), dV += Pᵀ·dO, dSᵀ = Pᵀ∘(dPᵀ − delta)∘cap',
+// dK += dSᵀ·Q; dK·scale at the end.
+template <int D, int NW, int BQ>
+__device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k,
+                                               const u16* __restrict__ v, const u16* __restrict__ go,
+                                               const float* __restrict__ lse, const float* __restrict__ delta,
+                                               u16* __restrict__ dqkv, int T, int nh, int nkv, int d, float scale,
+                                               int window, float cap) {
+    constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BQ / 8, NO = D / 8;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sK = smem;
+    u16* sV = sK + BK * LD;
+    u16* sQ = sV + BK * LD;
+    u16* sG = sQ + 2 * BQ * LD;
+    float* sL = (float*)(sG + 2 * BQ * LD);
+    float* sD = sL + 2 * BQ;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
+    const int k0 = blockIdx.x * BK;  // block 0 sees the most queries: it starts first
+    const int kh = blockIdx.y, group = nh / nkv;
+    const long long qs = (long long)nh * d, ks = (long long)nkv * d;
+    const int qend = window > 0 ? min(T, k0 + BK - 1 + window) : T;
+    const int qt0 = k0 / BQ, nq = (qend + BQ - 1) / BQ - qt0, total = group * nq;
+
+    load_tile<BK, D, LD, NT>(sK, k + (long long)kh * d, k0, T, ks, d, tid);
+    load_tile<BK, D, LD, NT>(sV, v + (long long)kh * d, k0, T, ks, d, tid);
+    // Query tile `it` (head-major over the group) into buffer `b`, statistics included: all
+    // asynchronous (a plain load here would stall every iteration on global latency).
+    auto load_q = [&](int it, int b) {
+        const int h = kh * group + it / nq, i0 = (qt0 + it % nq) * BQ;
+        load_tile<BQ, D, LD, NT>(sQ + b * BQ * LD, q + (long long)h * d, i0, T, qs, d, tid);
+        load_tile<BQ, D, LD, NT>(sG + b * BQ * LD, go + (long long)h * d, i0, T, qs, d, tid);
+        for (int r = tid; r < BQ; r += NT) {
+            const int i = i0 + r;
+            const bool ok = i < T;
+            const long long at = ok ? (long long)h * T + i : 0;
+            cp_async4(smem_u32(sL + b * BQ + r), lse + at, ok);
+            cp_async4(smem_u32(sD + b * BQ + r), delta + at, ok);
+        }
+    };
+    load_q(0, 0);
+    cp_commit();
+
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) {
+        dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
+        dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
+    }
+    const int w0 = k0 + warp * 16;
+    const int keys[2] = {w0 + g, w0 + g + 8};
+
+    for (int it = 0; it < total; ++it) {
+        const int buf = it & 1;
+        if (it + 1 < total) load_q(it + 1, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        const int i0 = (qt0 + it % nq) * BQ;
+        // Every query of the tile before this warp's keys, or all of them past the window.
+        const bool skip = i0 + BQ - 1 < w0 || (window > 0 && i0 - (w0 + 15) >= window);
+        if (!skip) {
+            // Staged to bound registers (dK and dV already hold 2·D/8·4 floats): Pᵀ and the
+            // soft-cap derivative are kept as bf16 fragments only, so the Sᵀ tile is dead before
+            // the dPᵀ tile is live. dS then uses P rounded to bf16, as the dV product does.
+            const u16* q_t = sQ + buf * BQ * LD;
+            const u16* g_t = sG + buf * BQ * LD;
+            const bool mask = i0 + BQ > T || w0 + 15 > i0 || (window > 0 && i0 + BQ - 1 - w0 >= window);
+            const float* L = sL + buf * BQ;
+            const float* Dl = sD + buf * BQ;
+            u32 pf[BQ / 16][4], cf[BQ / 16][4];
+            {
+                float st[NB][4];
+#pragma unroll
+                for (int i = 0; i < NB; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+                mma_nt<KS, NB, LD>(st, sK + warp * 16 * LD, q_t, lane);
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        float p[2], dc[2];
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int c = nb * 8 + 2 * t4 + e, i = i0 + c;
+                            const float x = score2(st[nb][2 * half + e], sl2, sc, cl2, &dc[e]);
+                            const bool hid = mask && (i >= T || hidden(i, keys[half], window));
+                            p[e] = hid ? 0.0f : ex2(x - L[c]);
+                        }
+                        // Fragment slot of accumulator tile nb, row half `half` (see to_frags).
+                        pf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(p[0], p[1]);
+                        cf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(dc[0], dc[1]);
+                    }
+                }
+            }
+            mma_rn<BQ / 16, NO, LD>(dv, pf, g_t, lane);
+            {
+                float dpt[NB][4];
+#pragma unroll
+                for (int i = 0; i < NB; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
+                mma_nt<KS, NB, LD>(dpt, sV + warp * 16 * LD, g_t, lane);
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        u32& slot = pf[nb >> 1][(nb & 1) * 2 + half];
+                        const u32 c2 = cf[nb >> 1][(nb & 1) * 2 + half];
+                        const int c = nb * 8 + 2 * t4;
+                        const float ds0 = bf16_lo(slot) * (dpt[nb][2 * half] - Dl[c]) * bf16_lo(c2);
+                        const float ds1 = bf16_hi(slot) * (dpt[nb][2 * half + 1] - Dl[c + 1]) * bf16_hi(c2);
+                        slot = pack_bf16(ds0, ds1);
+                    }
+                }
+            }
+            mma_rn<BQ / 16, NO, LD>(dk, pf, q_t, lane);
+        }
+        __syncthreads();
+    }
+
+    const long long os = (long long)(nh + 2 * nkv) * d;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (keys[i] >= T) continue;
+        u16* krow = dqkv + (long long)keys[i] * os + (long long)(nh + kh) * d;
+        u16* vrow = dqkv + (long long)keys[i] * os + (long long)(nh + nkv + kh) * d;
+#pragma unroll
+        for (int no = 0; no < NO; ++no) {
+            const int col = no * 8 + 2 * t4;
+            if (col < d) {
+                *(u32*)(krow + col) = pack_bf16(dk[no][2 * i] * scale, dk[no][2 * i + 1] * scale);
+                *(u32*)(vrow + col) = pack_bf16(dv[no][2 * i], dv[no][2 * i + 1]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entry points, one per (tile width D, warps NW, inner tile BC or BQ). The host (flash.rs
+// `Tiles`, scripts/flash_check.py `tiles`) derives grid and shared memory from the same numbers:
+//   fwd:  grid (ceil(T / 16NW), nh),  block 32NW, smem (16NW + 4BC)·(D+8)·2
+//   dq:   grid (ceil(T / 16NW), nh),  block 32NW, smem (32NW + 4BC)·(D+8)·2
+//   dkdv: grid (ceil(T / 16NW), nkv), block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+#define FWD(name, D, NW, BC)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
+        const u16* q, const u16* k, const u16* v, u16* o, float* lse, int T, int nh, int nkv, int d,          \
+        float scale, int window, float cap) {                                                                  \
+        flash_fwd<D, NW, BC>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                              \
+    }
+#define BWD(name, fn, D, NW, B)                                                                                \
+    extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
+        const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
+        u16* dqkv, int T, int nh, int nkv, int d, float scale, int window, float cap) {                        \
+        fn<D, NW, B>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);                        \
+    }
+
+// Measured on an H200 (notes/CUDA.md): 8 warps pay off in the forward only at D = 128; the
+// backward kernels are fastest with 4 (register-bound: dK and dV, or dQ, plus two score tiles).
+FWD(flash_fwd_d32, 32, 4, 64)
+FWD(flash_fwd_d64, 64, 4, 64)
+FWD(flash_fwd_d128, 128, 8, 64)
+BWD(flash_bwd_dq_d32, flash_bwd_dq, 32, 4, 64)
+BWD(flash_bwd_dq_d64, flash_bwd_dq, 64, 4, 64)
+BWD(flash_bwd_dq_d128, flash_bwd_dq, 128, 4, 64)
+BWD(flash_bwd_dkdv_d32, flash_bwd_dkdv, 32, 4, 64)
+BWD(flash_bwd_dkdv_d64, flash_bwd_dkdv, 64, 4, 64)
+BWD(flash_bwd_dkdv_d128, flash_bwd_dkdv, 128, 4, 64)

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Flash attention kernels (runtime/src/cuda/flash_attn.cu) against a PyTorch f32 reference,
+and their speed next to torch SDPA's flash backend. Runs on the device machine (a GPU, CuPy,
+PyTorch); no Rust needed: CuPy compiles the .cu with NVRTC, as flash.rs does.
+
+    python3 flash_check.py [--quick]
+
+Launch geometry below mirrors flash.rs (`Tiles`) and the table at the end of flash_attn.cu.
+Every output buffer is filled with NaN first, so an element a kernel fails to write fails the
+check. Exit status 1 when any relative error (||a-b|| / ||b||) exceeds 1e-2.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+
+import cupy as cp
+import numpy as np
+import torch
+
+TOL = 1e-2
+HERE = os.path.dirname(os.path.abspath(__file__))
+# Next to the script on the device machine (copied there), else in the source tree.
+CU = next(p for p in (os.path.join(HERE, "flash_attn.cu"),
+                      os.path.join(HERE, "..", "runtime", "src", "cuda", "flash_attn.cu"))
+          if os.path.exists(p))
+SRC = open(CU).read()
+MOD = cp.RawModule(code=SRC, backend="nvrtc", options=("-lineinfo",))
+FUNCS = {}
+
+
+def tiles(d):
+    """Kernel geometry for head dim d, as flash.rs `Tiles` and the table at the end of
+    flash_attn.cu: (D padded tile width, forward warps, key tile BC, backward warps, dK/dV
+    query tile BQ)."""
+    if d % 8 or d > 128 or d < 8:
+        raise ValueError(f"head dim {d} unsupported (needs d % 8 == 0, 8 <= d <= 128)")
+    D = 32 if d <= 32 else 64 if d <= 64 else 128
+    return D, 8 if D == 128 else 4, 64, 4, 64
+
+
+def launch(name, grid, threads, smem, args):
+    f = FUNCS.get(name)
+    if f is None:
+        f = FUNCS[name] = MOD.get_function(name)
+    if smem > 48 * 1024:
+        f.max_dynamic_shared_size_bytes = smem
+    f(grid, (threads,), args, shared_mem=smem)
+
+
+def ptr(t):
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def common(T, nh, nkv, d, scale, window, cap):
+    return (np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d), np.float32(scale),
+            np.int32(window or 0), np.float32(cap or 0.0))
+
+
+def flash_fwd(q, k, v, scale, window, cap, lse=None, out=None):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    D, NW, BC, _, _ = tiles(d)
+    o = out if out is not None else torch.full_like(q, float("nan"))
+    br = 16 * NW
+    smem = (br + 4 * BC) * (D + 8) * 2
+    launch(f"flash_fwd_d{D}", (math.ceil(T / br), nh), 32 * NW, smem,
+           (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + common(T, nh, nkv, d, scale, window, cap))
+    return o
+
+
+def bwd_prep(q, k, v, g, scale, window, cap):
+    """The forward recomputation (O, lse) and delta = rowsum(dO∘O): the backward's scratch."""
+    T, nh, d = q.shape
+    lse = torch.empty(nh, T, dtype=torch.float32, device=q.device)
+    delta = torch.empty(nh, T, dtype=torch.float32, device=q.device)
+    o = flash_fwd(q, k, v, scale, window, cap, lse=lse)
+    launch("flash_bwd_delta", (math.ceil(T * nh / 8),), 256, 0,
+           (ptr(o), ptr(g), ptr(delta), np.int32(T), np.int32(nh), np.int32(d)))
+    return lse, delta
+
+
+def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    D, _, BC, NW, BQ = tiles(d)
+    args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
+        T, nh, nkv, d, scale, window, cap)
+    b = 16 * NW
+    if which == "dq":
+        launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b), nh), 32 * NW,
+               (2 * b + 4 * BC) * (D + 8) * 2, args)
+    else:
+        launch(f"flash_bwd_dkdv_d{D}", (math.ceil(T / b), nkv), 32 * NW,
+               (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+
+
+def flash_bwd(q, k, v, g, scale, window, cap):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    lse, delta = bwd_prep(q, k, v, g, scale, window, cap)
+    dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
+    for which in ("dq", "dkdv"):
+        bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap)
+    return dqkv
+
+
+def reference(q, k, v, g, scale, window, cap):
+    """f32 attention with an explicit mask, GQA by repeat_interleave; gradients by autograd."""
+    T, nh, d = q.shape
+    group = nh // k.shape[1]
+    qf, kf, vf = (x.float().requires_grad_() for x in (q, k, v))
+    K = kf.repeat_interleave(group, dim=1)
+    V = vf.repeat_interleave(group, dim=1)
+    s = torch.einsum("ihd,jhd->hij", qf, K) * scale
+    if cap:
+        s = cap * torch.tanh(s / cap)
+    i = torch.arange(T, device=q.device)[:, None]
+    j = torch.arange(T, device=q.device)[None, :]
+    vis = j <= i
+    if window:
+        vis &= (i - j) < window
+    s = s.masked_fill(~vis, float("-inf"))
+    o = torch.einsum("hij,jhd->ihd", torch.softmax(s, dim=-1), V)
+    o.backward(g.float())
+    return o.detach(), qf.grad, kf.grad, vf.grad
+
+
+def rel(a, b):
+    """||a-b|| / ||b||, with ||b|| floored at 1e-3 per element: where every query sees one key
+    only (T = 1, window 1) dq and dk are exactly zero, and both sides are rounding noise."""
+    a, b = a.float(), b.float()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-3 * math.sqrt(b.numel()))).item()
+
+
+def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda h: (torch.randn(T, h, d, generator=gen, device="cuda") * amp).bfloat16()
+    q, k, v = mk(nh), mk(nkv), mk(nkv)
+    g = torch.randn(T, nh, d, generator=gen, device="cuda").bfloat16()
+    scale = 1.0 / math.sqrt(d)
+    o = flash_fwd(q, k, v, scale, window, cap)
+    dqkv = flash_bwd(q, k, v, g, scale, window, cap)
+    again = flash_bwd(q, k, v, g, scale, window, cap)
+    torch.cuda.synchronize()
+    ro, rq, rk, rv = reference(q, k, v, g, scale, window, cap)
+    errs = [rel(o, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
+            rel(dqkv[:, nh + nkv:], rv)]
+    det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
+    ok = max(errs) <= TOL and det
+    print(f"{'ok  ' if ok else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
+          f"softcap={cap} amp={amp}: out {errs[0]:.2e} dq {errs[1]:.2e} "
+          f"dk {errs[2]:.2e} dv {errs[3]:.2e} deterministic={det}", flush=True)
+    del ro, rq, rk, rv
+    torch.cuda.empty_cache()
+    return ok
+
+
+def timed(fn, reps=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / reps * 1e-3
+
+
+def bench(T, nh, nkv, d, window=None):
+    q, k, v, g = (torch.randn(T, h, d, device="cuda").bfloat16() for h in (nh, nkv, nkv, nh))
+    scale = 1.0 / math.sqrt(d)
+    flops = 4.0 * T * T * d * nh / 2  # causal: half of the two T×T×d products
+    if window:
+        flops *= min(1.0, (2.0 * window * T - window * window) / (T * T))
+    tf = timed(lambda: flash_fwd(q, k, v, scale, window, None))
+    tb = timed(lambda: flash_bwd(q, k, v, g, scale, window, None))
+    lse, delta = bwd_prep(q, k, v, g, scale, window, None)
+    dqkv = torch.empty(T, nh + 2 * nkv, d, dtype=q.dtype, device=q.device)
+    t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None))
+    t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None))
+    # flash_bwd includes its forward recomputation (lse), as the op must: report both.
+    line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window}: "
+            f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
+            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; dq {t_dq*1e3:.3f} ms, dkdv {t_kv*1e3:.3f} ms)")
+    if window is None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        group = nh // nkv
+        q4 = q.transpose(0, 1)[None].contiguous().requires_grad_()
+        k4 = k.repeat_interleave(group, 1).transpose(0, 1)[None].contiguous().requires_grad_()
+        v4 = v.repeat_interleave(group, 1).transpose(0, 1)[None].contiguous().requires_grad_()
+        g4 = g.transpose(0, 1)[None].contiguous()
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            sf = timed(lambda: sdpa(q4, k4, v4, is_causal=True))
+            o4 = sdpa(q4, k4, v4, is_causal=True)
+            sb = timed(lambda: torch.autograd.grad(o4, (q4, k4, v4), g4, retain_graph=True))
+        line += (f" || SDPA flash: fwd {sf*1e3:.3f} ms {flops/sf/1e12:.0f} TFLOP/s, "
+                 f"bwd {sb*1e3:.3f} ms {2.5*flops/sb/1e12:.0f} TFLOP/s")
+    print(line, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="correctness of small shapes only")
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()} torch {torch.__version__} cupy {cp.__version__} "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    cases = [
+        dict(T=1, nh=4, nkv=2, d=64),
+        dict(T=37, nh=4, nkv=1, d=32),
+        dict(T=100, nh=6, nkv=2, d=16),
+        dict(T=50, nh=2, nkv=2, d=8),
+        dict(T=77, nh=2, nkv=1, d=96, cap=20.0),
+        dict(T=130, nh=4, nkv=4, d=64, window=17),
+        dict(T=200, nh=8, nkv=2, d=128, cap=30.0),
+        dict(T=257, nh=4, nkv=2, d=128, window=64, cap=50.0),
+        dict(T=300, nh=4, nkv=2, d=64, window=1),
+        dict(T=513, nh=32, nkv=8, d=64, amp=3.0),
+        dict(T=1000, nh=8, nkv=2, d=128, window=300, amp=2.0),
+    ]
+    if not args.quick:
+        cases += [dict(T=4096, nh=32, nkv=8, d=64), dict(T=4096, nh=32, nkv=8, d=128)]
+    ok = True
+    for c in cases:
+        ok &= check(**c)
+    if not args.quick:
+        for d in (64, 128):
+            bench(4096, 32, 8, d)
+        bench(4096, 32, 8, 128, window=1024)
+    print("ALL OK" if ok else "FAILURES", flush=True)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
