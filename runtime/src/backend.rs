@@ -85,6 +85,12 @@ pub trait Backend: Sync {
         drop(buf);
     }
 
+    /// Waits until every queued operation has finished. Asynchronous backends (CUDA) need it
+    /// for per-op timings (`QPLC_PROFILE=1`); the CPU backend computes synchronously.
+    fn synchronize(&self) -> Result<(), KernelError> {
+        Ok(())
+    }
+
     /// Copies a host tensor into a new buffer of the same type.
     fn upload(&self, t: &HostTensor) -> Result<Self::Buffer, KernelError>;
 

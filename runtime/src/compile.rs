@@ -8,8 +8,7 @@ use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
 use qplc_passes::{
     AutodiffPass, ControlPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
-    SimplifyPass,
-    RecomputePass,
+    RecomputePass, SimplifyPass,
 };
 use std::path::{Path, PathBuf};
 

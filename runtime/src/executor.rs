@@ -338,6 +338,10 @@ impl<'g> Program<'g> {
                     Slot::Owned(backend.upload(t).map_err(kernel_err)?)
                 }
                 op => {
+                    if profile {
+                        // Charge queued work to the op that queued it, not to this one.
+                        backend.synchronize().map_err(kernel_err)?;
+                    }
                     let start = Instant::now();
                     let mut done = None;
                     if let Some(t) = self.in_place[p] {
@@ -389,6 +393,9 @@ impl<'g> Program<'g> {
                             out
                         }
                     };
+                    if profile {
+                        backend.synchronize().map_err(kernel_err)?;
+                    }
                     let took = start.elapsed();
                     let e = stats.op_time.entry(op.name()).or_default();
                     e.0 += 1;

@@ -58,7 +58,7 @@ fn weights(g: &Graph) -> HashMap<String, HostTensor> {
             let n = ty.shape.numel();
             let salt = name.len() as f32;
             let v = (0..n)
-                .map(|i| ((i as f32 * 0.37 + salt).sin() * 0.2))
+                .map(|i| (i as f32 * 0.37 + salt).sin() * 0.2)
                 .collect();
             HostTensor::f32(ty.shape.clone(), v)
         } else {

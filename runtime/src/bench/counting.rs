@@ -52,6 +52,10 @@ impl<'b, B: Backend> Counting<'b, B> {
 impl<B: Backend> Backend for Counting<'_, B> {
     type Buffer = B::Buffer;
 
+    fn synchronize(&self) -> Result<(), KernelError> {
+        self.inner.synchronize()
+    }
+
     fn name(&self) -> String {
         self.inner.name()
     }

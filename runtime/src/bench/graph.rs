@@ -48,8 +48,11 @@ pub fn config_toml(mode: Mode, seq: usize, rank: usize, lr: f64, gc: bool) -> St
         )),
         Mode::Full => t.push_str("full_fine_tune = true\n"),
     }
+    // The config default is "layer" (the reference always checkpoints); the bench says which.
     if gc {
         t.push_str("activation_checkpointing = \"layer\"\n");
+    } else {
+        t.push_str("activation_checkpointing = \"none\"\n");
     }
     // Validation asks for a dataset; compiling never reads it.
     t.push_str("\n[[datasets]]\ndataset_path = \"unused.txt\"\n");

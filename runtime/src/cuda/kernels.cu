@@ -53,6 +53,12 @@ struct Strided {
 };
 
 __device__ __forceinline__ void offsets(const Strided& s, long long idx, long long* ia, long long* ib) {
+    // Rank 0: both inputs have the output's layout (launch.rs `Strided::new`).
+    if (s.rank == 0) {
+        *ia = idx;
+        *ib = idx;
+        return;
+    }
     long long a = 0, b = 0;
     for (int d = (int)s.rank - 1; d >= 0; --d) {
         long long c = idx % s.dims[d];

@@ -11,11 +11,12 @@
 //! where the CPU does) and rounds its result to the storage type once, exactly as the CPU
 //! backend rounds after each op, so the two backends compute the same function and can be
 //! compared op by op (`check`). Buffers come from a caching allocator (`alloc`).
-mod alloc;
 pub mod adam;
+mod alloc;
 pub mod check;
 mod check_large;
 mod dispatch;
+mod flash;
 mod gemm;
 mod launch;
 pub mod model;
@@ -233,6 +234,9 @@ pub struct CudaBackend {
     /// Kernels by their full name (`unary_bf16`).
     funcs: HashMap<String, CudaFunction>,
     pool: Arc<Pool>,
+    /// Flash attention for bf16 storage (`flash.rs`); `None` before sm_80, where the naive
+    /// kernels run instead.
+    flash: Option<flash::Flash>,
     /// Fill every new buffer (reused ones too) with NaN (floats) or `i32::MIN` (integers),
     /// so that an element a kernel forgets to write shows up in a comparison (METHOD.md
     /// "poison").
@@ -312,8 +316,9 @@ impl CudaBackend {
                 .compute_capability()
                 .map_err(|e| cuda_err("cuda", "compute capability", e))?;
             let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-            let (f32_ptx, bf16_ptx) = std::thread::scope(|sc| {
+            let (f32_ptx, bf16_ptx, flash) = std::thread::scope(|sc| {
                 let b = sc.spawn(|| compile_kernels(arch, Float::BF16));
+                let fl = sc.spawn(|| flash::Flash::new(&ctx, arch));
                 let f = compile_kernels(arch, Float::F32);
                 let b = b.join().unwrap_or_else(|_| {
                     Err(KernelError::new(
@@ -321,7 +326,16 @@ impl CudaBackend {
                         "the bf16 compile thread panicked",
                     ))
                 });
-                (f, b)
+                // An older GPU runs attention on the naive kernels; say so once.
+                let fl = match fl.join() {
+                    Ok(Ok(fl)) => Some(fl),
+                    Ok(Err(e)) => {
+                        tracing::warn!("flash attention unavailable, naive kernels used: {e}");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                (f, b, fl)
             });
             let mut funcs = HashMap::new();
             for (float, ptx, only) in [
@@ -351,6 +365,7 @@ impl CudaBackend {
                 blas,
                 funcs,
                 pool,
+                flash,
                 poison: false,
             })
         })
@@ -449,6 +464,12 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> String {
         format!("cuda:{}", self.ctx.ordinal())
+    }
+
+    fn synchronize(&self) -> Result<(), KernelError> {
+        self.stream
+            .synchronize()
+            .map_err(|e| cuda_err("cuda", "synchronize", e))
     }
 
     fn alloc(&self, ty: &TensorType) -> Result<CudaTensor, KernelError> {

@@ -39,8 +39,8 @@ use qplc_compiler::Graph;
 use qplc_ops::{dropout, DType, Op};
 use qplc_passes::{
     control_weight_name, grad_output_name, parse_control_weight_name, AutodiffPass, ControlPass,
-    ControlRole, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager, SimplifyPass,
-    CONTROL_CLASSES, DROPOUT_KEY,
+    ControlRole, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager, RecomputePass,
+    SimplifyPass, CONTROL_CLASSES, DROPOUT_KEY,
 };
 use state::TrainState;
 use std::collections::{BTreeMap, HashMap};
