@@ -25,6 +25,8 @@ gradient_accumulation_steps = 1
 eval_fraction = 0.01
 evals_per_epoch = 1
 max_sequences = 140
+# Like for like with the PyTorch side, which does not checkpoint (qplc's default is "layer").
+activation_checkpointing = "none"
 [[datasets]]
 dataset_path = "$work/data.txt"
 TOML
