@@ -32,6 +32,10 @@ pub struct BenchGraph {
     /// Vocabulary size (config.json `vocab_size`): the range of the random token ids.
     pub vocab: usize,
     pub model: String,
+    /// The compile report's device bytes at the peak (weights + Adam state + live
+    /// activations, gradient outputs included), without its separate gradient-accumulation
+    /// buffers: the bench runs one micro-batch, whose gradient outputs are the gradients.
+    pub predicted_peak_bytes: u64,
 }
 
 /// The TOML `qplc run` would read for this benchmark: LoRA rank r, α = r (the project's
@@ -116,6 +120,9 @@ pub fn build(opts: &BenchOptions, dir: &Path) -> Result<BenchGraph> {
         },
     )
     .with_context(|| format!("compiling the {model} training graph"))?;
+    let report = &out.plan.report;
+    let grad_bytes: u64 = report.stages.iter().map(|s| s.grad_bytes).sum();
+    let predicted_peak_bytes = report.total_device_bytes.saturating_sub(grad_bytes);
     let graph = out.plan.graph;
     // A tied embedding may be bound by more than one node: count each name once.
     let mut weights = std::collections::BTreeMap::new();
@@ -149,5 +156,6 @@ pub fn build(opts: &BenchOptions, dir: &Path) -> Result<BenchGraph> {
         trainable,
         base_params,
         model,
+        predicted_peak_bytes,
     })
 }

@@ -87,6 +87,10 @@ pub struct BenchReport {
     pub peak_bytes: usize,
     #[serde(rename = "peak_GiB")]
     pub peak_gib: f64,
+    /// What the compile report predicted for `peak_bytes` (issue 6: within 10%).
+    pub predicted_peak_bytes: u64,
+    /// `peak_bytes / predicted_peak_bytes`.
+    pub measured_over_predicted: f64,
     /// Device-wide used memory (driver total − free), highest seen after a step's
     /// forward/backward; includes the CUDA context, cuBLAS workspace and pool slack.
     #[serde(rename = "device_used_GiB")]
@@ -115,7 +119,7 @@ impl BenchReport {
             "bench {model} {mode} seq {seq}{gc} on {device} ({backend})\n\
              params {n} base ({nb:.3} B), trainable {t}\n\
              step {step:.4} s, {tok:.0} tok/s, MFU {mfu:.4} (4N/6N per token, 989 TFLOP/s), {mfub:.4} by peft_baseline.py's FLOPs\n\
-             peak {peak} of live buffers (weights, Adam state, activations){used}\n\
+             peak {peak} of live buffers (weights, Adam state, activations), predicted {pred} ({ratio:.3}×){used}\n\
              loss {loss:.4} (last step); compile {c:.1} s, setup {s:.1} s\n",
             model = self.model,
             seq = self.seq,
@@ -130,6 +134,8 @@ impl BenchReport {
             mfu = self.mfu,
             mfub = self.mfu_vs_989,
             peak = human_bytes(self.peak_bytes),
+            pred = human_bytes(self.predicted_peak_bytes as usize),
+            ratio = self.measured_over_predicted,
             loss = self.loss,
             c = self.compile_s,
             s = self.setup_s,
@@ -245,6 +251,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         mfu_vs_989: flops::mfu(baseline, m.step_s),
         peak_bytes: m.peak_bytes,
         peak_gib: m.peak_bytes as f64 / GIB,
+        predicted_peak_bytes: g.predicted_peak_bytes,
+        measured_over_predicted: m.peak_bytes as f64 / (g.predicted_peak_bytes.max(1) as f64),
         device_used_gib: m.device_used_bytes.map(|b| b as f64 / GIB),
         loss: m.loss,
         compile_s,
