@@ -223,30 +223,11 @@ impl<'g> Program<'g> {
         weights: &dyn Fn(&str) -> Option<&'w B::Buffer>,
         inputs: &dyn Fn(&str) -> Option<&'i HostTensor>,
     ) -> Result<RunResult, ExecError> {
-        let (mut values, stats) = self.execute(backend, weights, inputs)?;
-        let g = self.graph;
-        let mut outputs = HashMap::new();
-        for (i, (name, id)) in self.outputs.iter().enumerate() {
-            let node = g.node(*id);
-            let err = |source| ExecError::Kernel {
-                node: id.index(),
-                op: node.op.name(),
-                module: node.module.clone(),
-                source,
-            };
-            // The same node may be requested under two names: move it out only the last time.
-            let later = self.outputs[i + 1..].iter().any(|(_, o)| o == id);
-            let host = match values[id.index()].take() {
-                Some(Slot::Owned(buf)) if !later => backend.download_owned(buf).map_err(err)?,
-                Some(slot) => {
-                    let host = backend.download(slot.get()).map_err(err)?;
-                    values[id.index()] = Some(slot);
-                    host
-                }
-                None => unreachable!("outputs are never freed"),
-            };
-            outputs.insert(name.clone(), host);
-        }
+        let (values, stats) = self.execute(backend, weights, inputs)?;
+        let outputs = self.take_outputs(values, |slot, last| match slot {
+            Slot::Owned(buf) if last => Ok((backend.download_owned(buf)?, None)),
+            slot => Ok((backend.download(slot.get())?, Some(slot))),
+        })?;
         if profiling() {
             eprint!("{}", stats.profile_report());
         }
@@ -264,36 +245,46 @@ impl<'g> Program<'g> {
         weights: &dyn Fn(&str) -> Option<&'w B::Buffer>,
         inputs: &dyn Fn(&str) -> Option<&'i HostTensor>,
     ) -> Result<(HashMap<String, B::Buffer>, RunStats), ExecError> {
-        let (mut values, stats) = self.execute(backend, weights, inputs)?;
-        let g = self.graph;
-        let mut outputs = HashMap::new();
-        for (i, (name, id)) in self.outputs.iter().enumerate() {
-            let node = g.node(*id);
-            let err = |source| ExecError::Kernel {
-                node: id.index(),
-                op: node.op.name(),
-                module: node.module.clone(),
-                source,
-            };
-            let later = self.outputs[i + 1..].iter().any(|(_, o)| o == id);
-            let buf = match values[id.index()].take() {
-                Some(Slot::Owned(buf)) if !later => buf,
-                Some(slot) => {
-                    let copy = backend
-                        .download(slot.get())
-                        .and_then(|h| backend.upload(&h))
-                        .map_err(err)?;
-                    values[id.index()] = Some(slot);
-                    copy
-                }
-                None => unreachable!("outputs are never freed"),
-            };
-            outputs.insert(name.clone(), buf);
-        }
+        let (values, stats) = self.execute(backend, weights, inputs)?;
+        let outputs = self.take_outputs(values, |slot, last| match slot {
+            Slot::Owned(buf) if last => Ok((buf, None)),
+            slot => {
+                let copy = backend
+                    .download(slot.get())
+                    .and_then(|h| backend.upload(&h))?;
+                Ok((copy, Some(slot)))
+            }
+        })?;
         if profiling() {
             eprint!("{}", stats.profile_report());
         }
         Ok((outputs, stats))
+    }
+
+    /// Hands each output's slot to `take` (with whether this is the last name the node is
+    /// requested under, so a buffer is moved out only then); `take` returns the value and,
+    /// when it did not consume the slot, the slot to put back.
+    #[allow(clippy::type_complexity)]
+    fn take_outputs<'w, Buf, T>(
+        &self,
+        mut values: Vec<Option<Slot<'w, Buf>>>,
+        mut take: impl FnMut(Slot<'w, Buf>, bool) -> Result<(T, Option<Slot<'w, Buf>>), KernelError>,
+    ) -> Result<HashMap<String, T>, ExecError> {
+        let mut outputs = HashMap::new();
+        for (i, (name, id)) in self.outputs.iter().enumerate() {
+            let node = self.graph.node(*id);
+            let last = !self.outputs[i + 1..].iter().any(|(_, o)| o == id);
+            let slot = values[id.index()].take().expect("outputs are never freed");
+            let (value, back) = take(slot, last).map_err(|source| ExecError::Kernel {
+                node: id.index(),
+                op: node.op.name(),
+                module: node.module.clone(),
+                source,
+            })?;
+            values[id.index()] = back;
+            outputs.insert(name.clone(), value);
+        }
+        Ok(outputs)
     }
 
     /// Runs every node in order and leaves the values of the outputs (and of nothing else)
