@@ -487,6 +487,12 @@ impl Op {
                         .to_string(),
                 ))
             }
+            Op::Fused { .. } => {
+                return Err(err(
+                    "is made by the fuse_elementwise pass after autodiff and has no gradient rule"
+                        .to_string(),
+                ))
+            }
         };
         // Every rule must produce exactly the operand's type; a mismatch is a bug in the
         // rule, reported as an error rather than a broken graph.
@@ -517,5 +523,6 @@ pub fn is_differentiable(op: &Op, output: &TensorType) -> bool {
                 | Op::LayerNormWeightGrad { .. }
                 | Op::RopeBackward(_)
                 | Op::AttentionBackward { .. }
+                | Op::Fused { .. }
         )
 }

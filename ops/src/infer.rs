@@ -1,6 +1,6 @@
 //! Shape and dtype inference: every op checks its operands and returns the output type,
 //! or an error naming the op and the shapes involved. Never panics.
-use crate::{DType, Op, Shape, TensorType};
+use crate::{DType, FusedArg, FusedStep, Op, Shape, TensorType};
 use std::fmt;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -476,6 +476,7 @@ impl Op {
                 }
                 Ok(lp.clone())
             }
+            Op::Fused { steps } => self.infer_fused(steps, operands),
             Op::Dropout { p, .. } => {
                 arity(2, 2)?;
                 float(0)?;
@@ -563,6 +564,94 @@ impl Op {
             Op::NllBackward => n,
             // One hash and one multiply per element.
             Op::Dropout { .. } => 2 * n,
+            Op::Fused { steps } => match self.fused_types(steps, operands) {
+                Ok(types) => steps
+                    .iter()
+                    .zip(&types)
+                    .map(|(st, ty)| {
+                        let args = fused_arg_types(&st.args, operands, &types);
+                        st.op.flops(&args, ty)
+                    })
+                    .sum(),
+                Err(_) => 0,
+            },
         }
+    }
+}
+
+/// The types of a fused step's operands, given the types of the steps so far.
+fn fused_arg_types(
+    args: &[FusedArg],
+    operands: &[TensorType],
+    steps: &[TensorType],
+) -> Vec<TensorType> {
+    args.iter()
+        .map(|a| match *a {
+            FusedArg::Input(k) => operands[k].clone(),
+            FusedArg::Step(j) => steps[j].clone(),
+        })
+        .collect()
+}
+
+impl Op {
+    /// The type of every step of a fused chain (checked: fusable ops, float operands,
+    /// arguments that exist, every step of the output's shape).
+    pub fn fused_types(
+        &self,
+        steps: &[FusedStep],
+        operands: &[TensorType],
+    ) -> Result<Vec<TensorType>, OpError> {
+        let err = |message: String| OpError {
+            op: self.name(),
+            operands: operands.to_vec(),
+            message,
+        };
+        if steps.is_empty() {
+            return Err(err("has no steps".into()));
+        }
+        if let Some(t) = operands.iter().find(|t| !t.dtype.is_float()) {
+            return Err(err(format!("operands must be floats, got {t}")));
+        }
+        let mut types: Vec<TensorType> = Vec::with_capacity(steps.len());
+        for (i, st) in steps.iter().enumerate() {
+            if !st.op.is_fusable() {
+                return Err(err(format!(
+                    "step {i}: `{}` is not an elementwise op",
+                    st.op.name()
+                )));
+            }
+            for a in &st.args {
+                let ok = match *a {
+                    FusedArg::Input(k) => k < operands.len(),
+                    FusedArg::Step(j) => j < i,
+                };
+                if !ok {
+                    return Err(err(format!("step {i}: argument {a:?} does not exist")));
+                }
+            }
+            let args = fused_arg_types(&st.args, operands, &types);
+            let ty = st
+                .op
+                .infer(&args)
+                .map_err(|e| err(format!("step {i}: {e}")))?;
+            types.push(ty);
+        }
+        let shape = &types[types.len() - 1].shape;
+        if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| t.shape != *shape) {
+            return Err(err(format!(
+                "step {i} has shape {}, not the result's {shape}",
+                t.shape
+            )));
+        }
+        Ok(types)
+    }
+
+    fn infer_fused(
+        &self,
+        steps: &[FusedStep],
+        operands: &[TensorType],
+    ) -> Result<TensorType, OpError> {
+        let mut types = self.fused_types(steps, operands)?;
+        Ok(types.pop().expect("fused_types checks there is a step"))
     }
 }

@@ -10,7 +10,7 @@ mod shape;
 pub use dtype::DType;
 pub use grad::{is_differentiable, sum_to, GradExpr};
 pub use infer::{broadcast, OpError};
-pub use op::{BinaryOp, Op, ReduceOp, Rope, RopeScaling, UnaryOp};
+pub use op::{BinaryOp, FusedArg, FusedStep, Op, ReduceOp, Rope, RopeScaling, UnaryOp};
 pub use shape::{Shape, TensorType};
 
 #[cfg(test)]

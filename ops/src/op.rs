@@ -283,6 +283,33 @@ pub enum Op {
         p: f64,
         salt: u64,
     },
+
+    // ---- Added by the fuse_elementwise pass ----
+    /// A chain of elementwise ops computed in one pass over the output (one kernel, no
+    /// intermediate buffers). Each step applies an elementwise op ([`Op::is_fusable`]) to
+    /// graph operands and earlier steps; every step has the output's shape; the last step is
+    /// the result. Each step's value is rounded to its own dtype, exactly as the unfused op
+    /// would be, so a fused chain computes bit for bit what its steps compute one by one.
+    Fused {
+        steps: Vec<FusedStep>,
+    },
+}
+
+/// One step of [`Op::Fused`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FusedStep {
+    pub op: Op,
+    pub args: Vec<FusedArg>,
+}
+
+/// Where a fused step's operand comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FusedArg {
+    /// Operand `k` of the fused node.
+    Input(usize),
+    /// The value of an earlier step.
+    Step(usize),
 }
 
 impl Op {
@@ -351,6 +378,23 @@ impl Op {
             Op::Nll => "nll",
             Op::NllBackward => "nll_backward",
             Op::Dropout { .. } => "dropout",
+            Op::Fused { .. } => "fused",
+        }
+    }
+
+    /// Elementwise ops that [`Op::Fused`] can hold: output element `i` depends only on
+    /// element `i` of each (broadcast) operand, and every dtype involved is a float.
+    pub fn is_fusable(&self) -> bool {
+        match self {
+            Op::Unary(_)
+            | Op::Binary(_)
+            | Op::Scale { .. }
+            | Op::AddScalar { .. }
+            | Op::Softcap { .. }
+            | Op::UnaryBackward(_)
+            | Op::BinaryBackward { .. } => true,
+            Op::Cast { to } => to.is_float(),
+            _ => false,
         }
     }
 

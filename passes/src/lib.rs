@@ -39,3 +39,5 @@ pub use simplify::{simplify, SimplifyPass, SimplifyStats};
 pub mod min_cut;
 pub mod recompute;
 pub use recompute::{recompute, CheckpointPolicy, RecomputePass, RecomputeStats};
+pub mod fuse_elementwise;
+pub use fuse_elementwise::{fuse_elementwise, FuseElementwisePass, FuseElementwiseStats};

@@ -7,8 +7,8 @@ use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
 use qplc_passes::{
-    AutodiffPass, ControlPass, FullFtPass, FusePass, LoraPass, LossPass, PassContext, PassManager,
-    RecomputePass, SimplifyPass,
+    AutodiffPass, ControlPass, FullFtPass, FuseElementwisePass, FusePass, LoraPass, LossPass,
+    PassContext, PassManager, RecomputePass, SimplifyPass,
 };
 use std::path::{Path, PathBuf};
 
@@ -55,6 +55,9 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     // After autodiff (DESIGN "The flow"), so the rules fuse the loss's backward too.
     passes.insert_before("partition", FusePass::standard())?;
     passes.insert_before("partition", SimplifyPass)?;
+    // Elementwise chains become one kernel each; after simplify, whose merged casts make
+    // longer chains, and before recompute, so checkpointing copies fused nodes.
+    passes.insert_before("partition", FuseElementwisePass)?;
     // Checkpointing after fusion: it copies the kernels that will run, and egg would merge
     // a copy with its original again (passes/src/recompute.rs).
     passes.insert_before("partition", RecomputePass::from_config(cfg)?)?;

@@ -194,7 +194,7 @@ impl<'g> Program<'g> {
                 ops.iter().position(|o| {
                     last_use[o.index()] == Some(p)
                         && ops.iter().filter(|x| *x == o).count() == 1
-                        && graph.node(*o).ty == *ty
+                        && same_bytes(&graph.node(*o).ty, ty)
                         && !matches!(graph.node(*o).op, Op::Weight { .. })
                 })
             })
@@ -427,6 +427,12 @@ impl<'g> Program<'g> {
     }
 }
 
+/// Whether a value's buffer can hold a result of type `out` (same dtype and element count;
+/// a `Reshape` then only relabels it, and backends decline what they cannot do in place).
+fn same_bytes(value: &TensorType, out: &TensorType) -> bool {
+    value.dtype == out.dtype && value.shape.numel() == out.shape.numel()
+}
+
 /// The parameters that distinguish kernels of one op name in a profile (a transposed
 /// operand takes another path than a plain product).
 fn op_detail(op: &Op) -> String {
@@ -435,6 +441,11 @@ fn op_detail(op: &Op) -> String {
         Op::Unary(u) | Op::UnaryBackward(u) => format!("{u:?}"),
         Op::Binary(b) => format!("{b:?}"),
         Op::BinaryBackward { op, wrt } => format!("{op:?} wrt {wrt}"),
+        Op::Fused { steps } => steps
+            .iter()
+            .map(|s| s.op.name())
+            .collect::<Vec<_>>()
+            .join("·"),
         _ => String::new(),
     }
 }

@@ -37,7 +37,7 @@ pub enum StepRunner {
     Cpu(CpuBackend),
     #[cfg(feature = "cuda")]
     Cuda {
-        gpu: crate::cuda::CudaBackend,
+        gpu: Box<crate::cuda::CudaBackend>,
         frozen: HashMap<String, crate::cuda::CudaTensor>,
         trainable: Vec<String>,
     },
@@ -56,7 +56,7 @@ impl StepRunner {
             BackendChoice::Cuda(ordinal) => {
                 use crate::backend::Backend;
                 use anyhow::Context;
-                let gpu = crate::cuda::CudaBackend::new(ordinal)?;
+                let gpu = Box::new(crate::cuda::CudaBackend::new(ordinal)?);
                 let mut frozen = HashMap::new();
                 for (n, t) in weights {
                     if !trainable.contains(n) {
@@ -110,9 +110,11 @@ impl StepRunner {
                         current.insert(n.as_str(), b);
                     }
                 }
-                prog.run(gpu, &|n| current.get(n).or_else(|| frozen.get(n)), &|n| {
-                    inputs.get(n)
-                })
+                prog.run(
+                    gpu.as_ref(),
+                    &|n| current.get(n).or_else(|| frozen.get(n)),
+                    &|n| inputs.get(n),
+                )
             }
         }
     }

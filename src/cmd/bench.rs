@@ -35,6 +35,10 @@ pub struct Args {
     /// Activation checkpointing (the recompute pass).
     #[arg(long)]
     gc: bool,
+    /// Selective checkpointing instead (`activation_checkpointing = "auto"`: products and
+    /// attention are stored, the cheap ops between them recomputed; implies --gc).
+    #[arg(long)]
+    gc_auto: bool,
     /// Timed steps.
     #[arg(long, default_value_t = 8)]
     steps: usize,
@@ -72,7 +76,8 @@ pub fn options(a: &Args) -> Result<BenchOptions> {
     let mut o = BenchOptions::new(source, a.mode);
     o.seq = a.seq;
     o.rank = a.rank;
-    o.gc = a.gc;
+    o.gc = a.gc || a.gc_auto;
+    o.gc_auto = a.gc_auto;
     o.steps = a.steps;
     o.warmup = a.warmup;
     o.backend = a.backend;

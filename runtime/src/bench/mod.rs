@@ -32,6 +32,8 @@ pub struct BenchOptions {
     pub seq: usize,
     pub rank: usize,
     pub gc: bool,
+    /// With `gc`: the `auto` (min-cut) policy instead of `layer`.
+    pub gc_auto: bool,
     pub steps: usize,
     pub warmup: usize,
     pub backend: BackendChoice,
@@ -51,6 +53,7 @@ impl BenchOptions {
             seq: 4096,
             rank: 16,
             gc: false,
+            gc_auto: false,
             steps: 8,
             warmup: 3,
             backend: BackendChoice::Cpu,
@@ -69,6 +72,7 @@ pub struct BenchReport {
     pub mode: Mode,
     pub seq: usize,
     pub gc: bool,
+    pub gc_auto: bool,
     pub backend: String,
     pub device: String,
     /// Base-model parameters N.
@@ -123,7 +127,11 @@ impl BenchReport {
              loss {loss:.4} (last step); compile {c:.1} s, setup {s:.1} s\n",
             model = self.model,
             seq = self.seq,
-            gc = if self.gc { " gc" } else { "" },
+            gc = match (self.gc, self.gc_auto) {
+                (true, true) => " gc-auto",
+                (true, false) => " gc",
+                _ => "",
+            },
             device = self.device,
             backend = self.backend,
             n = self.params,
@@ -237,6 +245,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport> {
         mode: opts.mode,
         seq: opts.seq,
         gc: opts.gc,
+        gc_auto: opts.gc_auto,
         backend: match opts.backend {
             BackendChoice::Cpu => "cpu".into(),
             BackendChoice::Cuda(i) => format!("cuda:{i}"),

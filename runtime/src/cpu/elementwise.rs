@@ -99,6 +99,11 @@ pub(crate) fn unary(op: UnaryOp, x: &[f32], out: &mut [f32]) {
     with_unary_fn!(op, f => map(x, out, f))
 }
 
+/// `unary` on one chunk, sequentially (a fused kernel's step; same element function).
+pub(crate) fn unary_seq(op: UnaryOp, x: &[f32], out: &mut [f32]) {
+    with_unary_fn!(op, f => out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)))
+}
+
 /// `x[i] = f(x[i])`, in parallel chunks: the in-place form of `map`.
 pub(crate) fn map_in_place(x: &mut [f32], f: impl Fn(f32) -> f32 + Sync) {
     x.par_chunks_mut(CHUNK)
@@ -142,6 +147,14 @@ macro_rules! with_binary_fn {
             }
         }
     };
+}
+
+/// `binary` on one chunk of equal-length operands, sequentially (a fused kernel's step).
+pub(crate) fn binary_seq(op: BinaryOp, a: &[f32], b: &[f32], out: &mut [f32]) {
+    with_binary_fn!(op, f => out
+        .iter_mut()
+        .zip(a.iter().zip(b))
+        .for_each(|(o, (&a, &b))| *o = f(a, b)))
 }
 
 /// `a = f(a, b)` (`target` 0) or `b = f(a, b)` (`target` 1) for equal shapes: `binary`
@@ -200,7 +213,7 @@ pub(crate) fn binary(
 
 /// Strides of `s` seen from an output of rank `rank`, right-aligned, with 0 on broadcast
 /// (size-1 or missing) axes.
-fn broadcast_strides(s: &Shape, rank: usize) -> Vec<usize> {
+pub(crate) fn broadcast_strides(s: &Shape, rank: usize) -> Vec<usize> {
     let own = s.strides();
     let pad = rank - s.rank();
     (0..rank)

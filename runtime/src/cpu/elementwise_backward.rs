@@ -16,7 +16,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// f'(x) for each unary function.
-fn derivative(op: UnaryOp) -> fn(f32) -> f32 {
+pub(crate) fn derivative(op: UnaryOp) -> fn(f32) -> f32 {
     match op {
         UnaryOp::Neg => |_| -1.0,
         UnaryOp::Exp => f32::exp,
@@ -91,7 +91,7 @@ pub(crate) fn unary_backward(
 }
 
 /// ∂ op(a, b) / ∂ operand `wrt`, as a function of (a, b).
-fn partial(op: BinaryOp, wrt: usize) -> fn(f32, f32) -> f32 {
+pub(crate) fn partial(op: BinaryOp, wrt: usize) -> fn(f32, f32) -> f32 {
     match (op, wrt) {
         (BinaryOp::Add, _) | (BinaryOp::Sub, 0) => |_, _| 1.0,
         (BinaryOp::Sub, _) => |_, _| -1.0,

@@ -11,6 +11,7 @@ mod elementwise;
 mod elementwise_backward;
 mod embedding;
 mod embedding_backward;
+mod fused;
 mod in_place;
 mod layout;
 mod matmul;
@@ -391,6 +392,7 @@ pub fn execute_op(
         Op::Nll => nll::nll(operands[0], operands[1], out)?,
         Op::NllBackward => nll::nll_backward(operands[0], operands[1], operands[2], out)?,
         Op::Dropout { p, salt } => dropout::dropout(*p, *salt, operands[0], operands[1], out)?,
+        Op::Fused { steps } => fused::fused(op, steps, operands, out)?,
     }
     // Data movement of already-rounded values cannot change them; everything else
     // computed in f32 is rounded to the storage dtype here, once, for every op.

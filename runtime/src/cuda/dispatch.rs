@@ -15,7 +15,7 @@ use super::gemm::{Elem, Product};
 use super::launch::{launch, rows as row_blocks, Strided};
 use super::{cuda_err, CudaBackend, CudaTensor, DevData, Float};
 use crate::backend::KernelError;
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use qplc_ops::{BinaryOp, DType, Op, ReduceOp, Rope, TensorType, UnaryOp};
 
 /// Threads per block of the row-per-block log-sum-exp (`LSE_THREADS` in kernels.cu).
@@ -24,7 +24,7 @@ const LSE_THREADS: u32 = 512;
 const NORM_THREADS: u32 = 256;
 
 /// `qplc_ops::UnaryOp` → the op code of `unary_fn` in kernels.cu.
-fn unary_code(u: UnaryOp) -> i32 {
+pub(crate) fn unary_code(u: UnaryOp) -> i32 {
     match u {
         UnaryOp::Neg => 0,
         UnaryOp::Exp => 1,
@@ -42,7 +42,7 @@ fn unary_code(u: UnaryOp) -> i32 {
     }
 }
 
-fn binary_code(b: BinaryOp) -> i32 {
+pub(crate) fn binary_code(b: BinaryOp) -> i32 {
     match b {
         BinaryOp::Add => 0,
         BinaryOp::Sub => 1,
@@ -98,6 +98,11 @@ pub(crate) fn execute(
             format!("output buffer is {} but the op produces {ty}", out.ty),
         ));
     }
+    // Elementwise ops and fused chains: generated kernels, which read each operand in its
+    // own storage (no widening) and round each step as the op alone would.
+    if let Some(steps) = super::fused::steps_of(op, operands) {
+        return super::fused::execute(be, op, &steps, operands, out);
+    }
     let kinds = storages(op, operands, out);
     let f = kinds.first().copied().unwrap_or(Float::F32);
     if !matches!(op, Op::Cast { .. }) && kinds.iter().any(|&k| k != f) {
@@ -111,6 +116,12 @@ pub(crate) fn execute(
             return Err(KernelError::new(
                 name,
                 format!("`{v}` is bound by the executor, not computed"),
+            ))
+        }
+        Op::Fused { .. } => {
+            return Err(KernelError::new(
+                name,
+                "a fused chain takes float operands only",
             ))
         }
         Op::Fill { value, .. } => match out.data_mut() {
@@ -461,8 +472,8 @@ pub(crate) fn execute(
     Ok(())
 }
 
-/// RMS / layer norm weight gradient: per-row statistics once (block per row), then one
-/// thread per column summing the rows in order.
+/// RMS / layer norm weight gradient: per-row statistics once (block per row), then
+/// column sums split over row chunks (`NORM_WG_ROWS` in kernels.cu) and added in chunk order.
 fn norm_weight_grad(
     be: &CudaBackend,
     f: Float,
@@ -471,6 +482,8 @@ fn norm_weight_grad(
     eps: f64,
     layer: bool,
 ) -> Result<(), KernelError> {
+    const CHUNK_ROWS: i64 = 64; // NORM_WG_ROWS
+    const COLS: u32 = 256;
     let (rows, h) = rows_h(operands[0]);
     let (x, g) = (operands[0].data(), operands[1].data());
     let mut stats = be.scratch::<f32>(2 * rows as usize)?;
@@ -479,13 +492,18 @@ fn norm_weight_grad(
     launch!(be, "norm_row_stats" @ f, row_blocks(rows as usize, NORM_THREADS);
         x, &mut *stats, &rows, &h, &eps, &layer_)?;
     let stats: &CudaSlice<f32> = stats;
-    if layer {
-        launch!(be, "layer_norm_weight_grad" @ f, h as usize;
-            x, g, stats, out.data_mut(), &rows, &h)
-    } else {
-        launch!(be, "rms_norm_weight_grad" @ f, h as usize;
-            x, g, stats, out.data_mut(), &rows, &h)
-    }
+    let chunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
+    let mut part = be.scratch::<f64>((chunks.max(1) * h) as usize)?;
+    let part: &mut CudaSlice<f64> = &mut part;
+    let cfg = LaunchConfig {
+        grid_dim: ((h as u32).div_ceil(COLS), chunks.max(1) as u32, 1),
+        block_dim: (COLS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    launch!(be, "norm_weight_grad_partial" @ f, cfg;
+        x, g, stats, &mut *part, &rows, &h, &layer_)?;
+    let part: &CudaSlice<f64> = part;
+    launch!(be, "norm_weight_grad_sum" @ f, h as usize; part, out.data_mut(), &chunks, &h)
 }
 
 /// Runs `op` on f32 copies of its bf16 operands (see the module doc) and rounds into `out`.

@@ -70,6 +70,7 @@ __device__ __forceinline__ void offsets(const Strided& s, long long idx, long lo
     *ib = b;
 }
 
+// FUSED_PRELUDE_BEGIN (cuda/fused.rs copies the element functions from here to the END mark)
 // Round to nearest even at bf16 precision, as `half::bf16::from_f32` (NaN stays NaN).
 __device__ __forceinline__ float round_bf16(float x) {
     unsigned int u = __float_as_uint(x);
@@ -166,6 +167,8 @@ __device__ __forceinline__ float binary_partial(int op, int wrt, float a, float 
     default: return (a <= b) == (wrt == 0) ? 1.0f : 0.0f;
     }
 }
+
+// FUSED_PRELUDE_END
 
 extern "C" {
 
@@ -351,6 +354,7 @@ __global__ void SFX(reduce)(const S* x, S* o, long long outer, long long len, lo
 // gradients take per-row statistics computed once (`*_row_stats`) and sum each column over
 // the rows in order in f64, one thread per column.
 #define NORM_THREADS 256
+#define NORM_WG_ROWS 64
 
 // Σ of `v` over the block (all threads get it); `sh` is NORM_THREADS doubles of shared memory.
 __device__ double block_sum(double v, double* sh) {
@@ -448,13 +452,30 @@ __global__ void SFX(norm_row_stats)(const S* x, float* stats, long long rows, lo
     }
 }
 
-// One thread per column, rows summed in order in f64.
-__global__ void SFX(rms_norm_weight_grad)(const S* x, const S* g, const float* stats, S* o, long long rows,
-                                          long long h) {
+// Norm weight gradients in two passes, so that every SM works: pass 1 gives each block
+// NORM_WG_ROWS rows of 256 consecutive columns (coalesced) and writes f64 partial sums
+// `part[chunk, h]`; pass 2 adds a column's partials in chunk order (fixed: deterministic).
+// `layer` 0: Σ g·x·r (RMS), 1: Σ g·(x − μ)·r (layer norm); stats as norm_row_stats writes them.
+__global__ void SFX(norm_weight_grad_partial)(const S* x, const S* g, const float* stats, double* part,
+                                              long long rows, long long h, int layer) {
+    long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= h) return;
+    long long r0 = (long long)blockIdx.y * NORM_WG_ROWS;
+    long long r1 = r0 + NORM_WG_ROWS < rows ? r0 + NORM_WG_ROWS : rows;
+    double acc = 0.0;
+    for (long long r = r0; r < r1; ++r) {
+        float xv = ld(x[r * h + c]);
+        double gv = (double)ld(g[r * h + c]);
+        acc += layer ? gv * (double)((xv - stats[2 * r]) * stats[2 * r + 1])
+                     : gv * (double)xv * (double)stats[2 * r + 1];
+    }
+    part[(long long)blockIdx.y * h + c] = acc;
+}
+
+__global__ void SFX(norm_weight_grad_sum)(const double* part, S* o, long long chunks, long long h) {
     LOOP(c, h) {
         double acc = 0.0;
-        for (long long r = 0; r < rows; ++r)
-            acc += (double)ld(g[r * h + c]) * (double)ld(x[r * h + c]) * (double)stats[2 * r + 1];
+        for (long long k = 0; k < chunks; ++k) acc += part[k * h + c];
         o[c] = st((float)acc);
     }
 }
@@ -480,16 +501,6 @@ __global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* 
             double d = (double)ld(gr[j]) * (double)ld(w[j]);
             o[r * h + j] = st((float)((double)inv * (d - m1 - xh * m2)));
         }
-    }
-}
-
-__global__ void SFX(layer_norm_weight_grad)(const S* x, const S* g, const float* stats, S* o, long long rows,
-                                            long long h) {
-    LOOP(c, h) {
-        double acc = 0.0;
-        for (long long r = 0; r < rows; ++r)
-            acc += (double)ld(g[r * h + c]) * (double)((ld(x[r * h + c]) - stats[2 * r]) * stats[2 * r + 1]);
-        o[c] = st((float)acc);
     }
 }
 

@@ -17,11 +17,13 @@ pub mod check;
 mod check_large;
 mod dispatch;
 mod flash;
+mod fused;
 mod gemm;
 mod launch;
 pub mod model;
+mod nvrtc_cache;
 
-use crate::backend::{Backend, KernelError};
+use crate::backend::{Backend, InPlace, KernelError};
 use crate::tensor::{Data, HostTensor};
 use alloc::{Element, Pool, Slab};
 use cudarc::cublas::CudaBlas;
@@ -55,9 +57,9 @@ const KERNEL_NAMES: &[&str] = &[
     "rms_norm",
     "layer_norm",
     "rms_norm_backward",
-    "rms_norm_weight_grad",
+    "norm_weight_grad_partial",
     "layer_norm_backward",
-    "layer_norm_weight_grad",
+    "norm_weight_grad_sum",
     "norm_row_stats",
     "rope",
     "attention",
@@ -237,6 +239,10 @@ pub struct CudaBackend {
     /// Flash attention for bf16 storage (`flash.rs`); `None` before sm_80, where the naive
     /// kernels run instead.
     flash: Option<flash::Flash>,
+    /// `sm_XY` of the device, for kernels compiled later (`fused`).
+    arch: &'static str,
+    /// Generated elementwise kernels, compiled on first use (`fused.rs`).
+    fused: Box<fused::FusedKernels>,
     /// Fill every new buffer (reused ones too) with NaN (floats) or `i32::MIN` (integers),
     /// so that an element a kernel forgets to write shows up in a comparison (METHOD.md
     /// "poison").
@@ -251,27 +257,11 @@ pub fn compile_kernels(
     float: Float,
 ) -> Result<cudarc::nvrtc::Ptx, KernelError> {
     let src = format!("{}{KERNELS}", float.define());
-    with_libraries(move || {
-        cudarc::nvrtc::compile_ptx_with_opts(
-            src,
-            cudarc::nvrtc::CompileOptions {
-                arch: Some(arch),
-                name: Some(format!("qplc_kernels_{}.cu", float.suffix())),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| match e {
-            cudarc::nvrtc::CompileError::CompileError { log, options, .. } => KernelError::new(
-                "nvrtc",
-                format!(
-                    "kernels.cu ({} storage) does not compile (options {options:?}):\n{}",
-                    float.suffix(),
-                    log.to_string_lossy()
-                ),
-            ),
-            other => cuda_err("nvrtc", "kernels.cu", other),
-        })
-    })
+    nvrtc_cache::compile(
+        &src,
+        arch,
+        &format!("kernels.cu ({} storage)", float.suffix()),
+    )
 }
 
 /// Runs `f`, turning cudarc's panic when a CUDA library cannot be loaded into an error
@@ -366,6 +356,8 @@ impl CudaBackend {
                 funcs,
                 pool,
                 flash,
+                arch,
+                fused: Box::default(),
                 poison: false,
             })
         })
@@ -414,6 +406,11 @@ impl CudaBackend {
     /// Starts a new high-water mark at the current `bytes_in_use`.
     pub fn reset_peak(&self) {
         self.pool.reset_peak()
+    }
+
+    /// Generated elementwise kernels compiled (or loaded from the disk cache) so far.
+    pub fn fused_kernel_count(&self) -> usize {
+        self.fused.len()
     }
 
     /// Returns every cached buffer to the driver.
@@ -607,5 +604,27 @@ impl Backend for CudaBackend {
         out: &mut CudaTensor,
     ) -> Result<(), KernelError> {
         dispatch::execute(self, op, operands, out)
+    }
+
+    /// A reshape of a value that dies at the reshape relabels its buffer (no copy kernel);
+    /// everything else runs out of place.
+    fn execute_in_place(
+        &self,
+        op: &qplc_ops::Op,
+        target: usize,
+        mut buf: CudaTensor,
+        others: &[&CudaTensor],
+        out_ty: &TensorType,
+    ) -> Result<InPlace<CudaTensor>, KernelError> {
+        let relabel = matches!(op, qplc_ops::Op::Reshape { .. })
+            && target == 0
+            && others.is_empty()
+            && buf.ty.dtype == out_ty.dtype
+            && buf.ty.shape.numel() == out_ty.shape.numel();
+        if !relabel {
+            return Ok(InPlace::Declined(buf));
+        }
+        buf.ty = out_ty.clone();
+        Ok(InPlace::Done(buf))
     }
 }

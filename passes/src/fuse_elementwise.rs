@@ -1,0 +1,304 @@
+//! The `fuse_elementwise` pass: chains of elementwise ops become one [`Op::Fused`] node, so
+//! a backend runs them as one kernel that reads each operand once and writes one result,
+//! instead of one kernel (and one full-size intermediate buffer) per op. The training graphs
+//! are full of such chains: each LoRA output is `Add(base, Cast(lora))`, SwiGLU is
+//! `Mul(Silu(Add(..)), Add(..))`, and the backward sums a layer input's gradient over
+//! `Cast`s of the adapters' f32 gradients (`Add(Add(Cast(a), Cast(b)), c)`).
+//!
+//! Grouping is greedy, from each group's last op (its *root*) back through its operands: an
+//! operand joins when it is fusable ([`Op::is_fusable`], float in and out), has the root's
+//! shape, is not a graph output, has the root's `recompute` flag, and every one of its users
+//! is already in the group (its value is needed nowhere else, so no buffer of it must exist).
+//! A region of a graph is a DAG, not a tree, which is why this is a walk over users rather
+//! than egg rewrites (egg extracts trees; [`crate::fuse`] keeps using it for the
+//! cross-entropy patterns). Singletons stay as they are.
+//!
+//! Exact: a fused step rounds to its own dtype as the op alone would (see `Op::Fused`), so
+//! results are bit for bit those of the unfused graph; tests check it on whole training steps.
+//! Runs after `simplify` (which merges duplicate casts first) and before `recompute`.
+use crate::fuse::{remove_dead, replace_uses};
+use crate::pass::{Pass, PassContext};
+use anyhow::{Context, Result};
+use qplc_compiler::{Graph, NodeId, Scope};
+use qplc_ops::{FusedArg, FusedStep, Op};
+use std::collections::{HashMap, HashSet};
+
+/// Most steps in one fused node: keeps generated kernels short and register use low.
+pub const MAX_STEPS: usize = 24;
+/// Most distinct operands of one fused node.
+pub const MAX_INPUTS: usize = 12;
+
+/// What one run did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FuseElementwiseStats {
+    /// Fused nodes made.
+    pub groups: usize,
+    /// Elementwise nodes they replace.
+    pub nodes: usize,
+}
+
+pub struct FuseElementwisePass;
+
+impl Pass for FuseElementwisePass {
+    fn name(&self) -> &str {
+        "fuse_elementwise"
+    }
+
+    fn run(&self, mut graph: Graph, cx: &mut PassContext) -> Result<Graph> {
+        let s = fuse_elementwise(&mut graph)?;
+        if s.groups > 0 {
+            cx.notes.push(format!(
+                "fuse_elementwise: {} elementwise op(s) run as {} fused kernel(s)",
+                s.nodes, s.groups
+            ));
+        }
+        Ok(graph)
+    }
+}
+
+fn fusable(graph: &Graph, id: NodeId) -> bool {
+    let n = graph.node(id);
+    n.op.is_fusable()
+        && n.ty.dtype.is_float()
+        && graph
+            .operands(id)
+            .iter()
+            .all(|&o| graph.node(o).ty.dtype.is_float())
+}
+
+/// The groups (each in topological order, root last), found on the unchanged graph.
+fn find_groups(graph: &Graph, order: &[NodeId]) -> Vec<Vec<NodeId>> {
+    let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+    let outputs: HashSet<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    let mut taken: HashSet<NodeId> = HashSet::new();
+    let mut groups = Vec::new();
+    for &root in order.iter().rev() {
+        if taken.contains(&root) || !fusable(graph, root) {
+            continue;
+        }
+        let rn = graph.node(root);
+        let mut members: HashSet<NodeId> = HashSet::from([root]);
+        let mut inputs: HashSet<NodeId> = graph.operands(root).into_iter().collect();
+        loop {
+            let mut cands: Vec<NodeId> = inputs.iter().copied().collect();
+            cands.sort_by_key(|id| std::cmp::Reverse(pos[id]));
+            let next = cands.into_iter().find(|&p| {
+                let n = graph.node(p);
+                !taken.contains(&p)
+                    && !outputs.contains(&p)
+                    && fusable(graph, p)
+                    && n.ty.shape == rn.ty.shape
+                    && n.recompute == rn.recompute
+                    && graph.users(p).iter().all(|u| members.contains(u))
+            });
+            let Some(p) = next else { break };
+            let mut grown = inputs.clone();
+            grown.remove(&p);
+            grown.extend(
+                graph
+                    .operands(p)
+                    .into_iter()
+                    .filter(|o| !members.contains(o)),
+            );
+            if members.len() + 1 > MAX_STEPS || grown.len() > MAX_INPUTS {
+                break;
+            }
+            members.insert(p);
+            inputs = grown;
+        }
+        if members.len() > 1 {
+            let mut g: Vec<NodeId> = members.into_iter().collect();
+            g.sort_by_key(|id| pos[id]);
+            taken.extend(g.iter().copied());
+            groups.push(g);
+        }
+    }
+    groups.sort_by_key(|g| pos[g.last().expect("groups are not empty")]);
+    groups
+}
+
+/// Replaces every fusable chain by one `Op::Fused` node.
+pub fn fuse_elementwise(graph: &mut Graph) -> Result<FuseElementwiseStats> {
+    let order = graph.topo_order()?;
+    let groups = find_groups(graph, &order);
+    let mut stats = FuseElementwiseStats::default();
+    // Roots in topological order: a later group's operands that were earlier roots already
+    // point at their fused nodes (`replace_uses`), and members are never replaced.
+    for members in groups {
+        let root = *members.last().expect("groups are not empty");
+        let index: HashMap<NodeId, usize> =
+            members.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+        let mut inputs: Vec<NodeId> = Vec::new();
+        let mut steps = Vec::with_capacity(members.len());
+        for &m in &members {
+            let args = graph
+                .operands(m)
+                .into_iter()
+                .map(|o| match index.get(&o) {
+                    Some(&j) => FusedArg::Step(j),
+                    None => FusedArg::Input(match inputs.iter().position(|&i| i == o) {
+                        Some(k) => k,
+                        None => {
+                            inputs.push(o);
+                            inputs.len() - 1
+                        }
+                    }),
+                })
+                .collect();
+            steps.push(FusedStep {
+                op: graph.node(m).op.clone(),
+                args,
+            });
+        }
+        let rn = graph.node(root).clone();
+        let scope = Scope::new(rn.module.clone(), rn.block, rn.layer);
+        let fused = graph
+            .add(Op::Fused { steps }, &inputs, &scope)
+            .with_context(|| format!("fusing the elementwise chain ending in `{}`", rn.module))?;
+        let ty = &graph.node(fused).ty;
+        anyhow::ensure!(
+            *ty == rn.ty,
+            "fused chain ending in `{}` infers {ty}, the chain gave {}",
+            rn.module,
+            rn.ty
+        );
+        graph.node_mut(fused).recompute = rn.recompute;
+        replace_uses(graph, root, fused);
+        remove_dead(graph, vec![root]);
+        stats.groups += 1;
+        stats.nodes += members.len();
+    }
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qplc_compiler::BlockKind;
+    use qplc_ops::{BinaryOp, DType, TensorType, UnaryOp};
+
+    fn scope() -> Scope {
+        Scope::new("m", BlockKind::Decoder, Some(0))
+    }
+
+    fn input(g: &mut Graph, name: &str, shape: Vec<usize>, dtype: DType) -> NodeId {
+        let ty = TensorType::new(shape, dtype);
+        g.add(
+            Op::Input {
+                name: name.into(),
+                ty,
+            },
+            &[],
+            &scope(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_lora_output_and_swiglu_become_one_node_each() {
+        let mut g = Graph::new();
+        let s = scope();
+        let base = input(&mut g, "base", vec![4, 6], DType::BF16);
+        let lora = input(&mut g, "lora", vec![4, 6], DType::F32);
+        let up = input(&mut g, "up", vec![4, 6], DType::BF16);
+        let c = g.add(Op::Cast { to: DType::BF16 }, &[lora], &s).unwrap();
+        let gate = g.add(Op::Binary(BinaryOp::Add), &[base, c], &s).unwrap();
+        let act = g.add(Op::Unary(UnaryOp::Silu), &[gate], &s).unwrap();
+        let h = g.add(Op::Binary(BinaryOp::Mul), &[act, up], &s).unwrap();
+        g.set_output("h", h);
+        let stats = fuse_elementwise(&mut g).unwrap();
+        g.verify().unwrap();
+        assert_eq!(
+            stats,
+            FuseElementwiseStats {
+                groups: 1,
+                nodes: 4
+            }
+        );
+        let h = g.output("h").unwrap();
+        // Operands in the order the steps first read them (the cast runs first).
+        assert_eq!(g.operands(h), vec![lora, base, up]);
+        let Op::Fused { steps } = &g.node(h).op else {
+            panic!("not fused: {:?}", g.node(h).op)
+        };
+        assert_eq!(steps.len(), 4);
+        assert_eq!(
+            steps[3].args,
+            vec![FusedArg::Step(2), FusedArg::Input(2)],
+            "{steps:?}"
+        );
+        assert_eq!(g.g.node_count(), 4);
+    }
+
+    #[test]
+    fn values_read_elsewhere_stay_materialised() {
+        let mut g = Graph::new();
+        let s = scope();
+        let a = input(&mut g, "a", vec![3, 5], DType::F32);
+        let b = input(&mut g, "b", vec![3, 5], DType::F32);
+        let w = input(&mut g, "w", vec![5], DType::F32);
+        // `sum` is read by the fused tail and by `other`: it must keep its buffer.
+        let sum = g.add(Op::Binary(BinaryOp::Add), &[a, b], &s).unwrap();
+        let sq = g.add(Op::Unary(UnaryOp::Square), &[sum], &s).unwrap();
+        let scaled = g.add(Op::Binary(BinaryOp::Mul), &[sq, w], &s).unwrap();
+        let other = g
+            .add(
+                Op::Reduce {
+                    op: qplc_ops::ReduceOp::Sum,
+                    axis: 1,
+                    keepdim: false,
+                },
+                &[sum],
+                &s,
+            )
+            .unwrap();
+        // A graph output is never absorbed either.
+        let e = g.add(Op::Unary(UnaryOp::Exp), &[a], &s).unwrap();
+        let e2 = g.add(Op::Scale { factor: 2.0 }, &[e], &s).unwrap();
+        for (n, id) in [("scaled", scaled), ("other", other), ("e", e), ("e2", e2)] {
+            g.set_output(n, id);
+        }
+        let stats = fuse_elementwise(&mut g).unwrap();
+        g.verify().unwrap();
+        assert_eq!(
+            stats,
+            FuseElementwiseStats {
+                groups: 1,
+                nodes: 2
+            }
+        );
+        let scaled = g.output("scaled").unwrap();
+        // Broadcast operands (`w` is [5]) are fine.
+        assert_eq!(g.operands(scaled), vec![sum, w]);
+        assert_eq!(g.output("e"), Some(e));
+        assert!(matches!(
+            g.node(g.output("e2").unwrap()).op,
+            Op::Scale { .. }
+        ));
+    }
+
+    #[test]
+    fn shape_changes_and_integer_casts_end_a_group() {
+        let mut g = Graph::new();
+        let s = scope();
+        let a = input(&mut g, "a", vec![3, 1], DType::F32);
+        let b = input(&mut g, "b", vec![1, 4], DType::F32);
+        let ids = input(&mut g, "ids", vec![3, 4], DType::I32);
+        let small = g.add(Op::Unary(UnaryOp::Exp), &[a], &s).unwrap();
+        let big = g.add(Op::Binary(BinaryOp::Add), &[small, b], &s).unwrap();
+        let f = g.add(Op::Cast { to: DType::F32 }, &[ids], &s).unwrap();
+        let out = g.add(Op::Binary(BinaryOp::Mul), &[big, f], &s).unwrap();
+        g.set_output("out", out);
+        let stats = fuse_elementwise(&mut g).unwrap();
+        g.verify().unwrap();
+        // exp is [3, 1] (not the root's shape) and the cast reads an integer: only add·mul.
+        assert_eq!(
+            stats,
+            FuseElementwiseStats {
+                groups: 1,
+                nodes: 2
+            }
+        );
+        assert_eq!(g.operands(g.output("out").unwrap()), vec![small, b, f]);
+    }
+}
