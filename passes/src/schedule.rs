@@ -49,8 +49,22 @@ pub fn schedule(
         .collect()
 }
 
+/// The outputs a step program asks for: a training graph (one with a `loss` output) runs
+/// for the loss and the gradients (runtime/src/trainer, `qplc bench`), so the forward's
+/// `logits` and `hidden` die at their last reader instead of living to the end of the
+/// step — at Llama-3 vocabularies the bf16 logits alone are a gibibyte.
+fn step_outputs(graph: &Graph) -> BTreeSet<NodeId> {
+    let training = graph.output("loss").is_some();
+    graph
+        .outputs
+        .iter()
+        .filter(|(name, _)| !(training && (name == "logits" || name == "hidden")))
+        .map(|(_, id)| *id)
+        .collect()
+}
+
 /// The live ranges of one stage's values as the executor (runtime/src/executor.rs) holds
-/// them: only the values the graph's outputs need run, in `Graph::topo_order`; an input
+/// them: only the values the step's outputs (`step_outputs`) need run, in `Graph::topo_order`; an input
 /// lives from its own step (it is uploaded there), a value arriving from another stage from
 /// step 0; a value lives until its last reader on the stage, or to the end when it is an
 /// output or is sent. Weights are the caller's and not counted. Sizes are the values' own,
@@ -61,8 +75,9 @@ pub fn executor_live_ranges(
     stage: usize,
 ) -> Result<Vec<LiveRange>, ScheduleError> {
     use petgraph::visit::NodeIndexable;
+    let results = step_outputs(graph);
     let mut needed = vec![false; graph.g.node_bound()];
-    let mut stack: Vec<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    let mut stack: Vec<NodeId> = results.iter().copied().collect();
     while let Some(id) = stack.pop() {
         if !std::mem::replace(&mut needed[id.index()], true) {
             stack.extend(graph.operands(id));
@@ -77,7 +92,7 @@ pub fn executor_live_ranges(
         })
         .collect();
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
-    let outputs: BTreeSet<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
+    let outputs = results;
     let end = order.len();
     let last = |id: NodeId, first: usize| {
         let leaves = outputs.contains(&id)

@@ -833,8 +833,14 @@ fn rotate(
     let inter = rope.interleaved as i32;
     let n = out.ty.shape.numel();
     let freq: &CudaSlice<f32> = freq;
+    // (cos, sin) pairs, float2 per (position, pair).
+    let mut table = be.scratch::<f32>((2 * t * half).max(1) as usize)?;
+    let table: &mut CudaSlice<f32> = &mut table;
+    launch!(be, "rope_table", (t * half) as usize;
+        ints(name, pos)?, freq, &mut *table, &t, &half)?;
+    let table: &CudaSlice<f32> = table;
     launch!(be, "rope" @ f, n;
-        x.data(), ints(name, pos)?, freq, out.data_mut(), &t, &heads, &hd, &half, &inter, &sign)
+        x.data(), table, out.data_mut(), &t, &heads, &hd, &half, &inter, &sign)
 }
 
 /// Shapes and parameters of an attention op as kernel arguments.

@@ -181,6 +181,16 @@ __global__ void round_storage(float* x, long long n, int mode) {
 
 __global__ void fill_i32(int* o, long long n, int v) { LOOP(i, n) o[i] = v; }
 
+// (cos, sin) of the angles `inv_freq[j]·pos[p]` (f32, as transformers builds them), once per
+// (position, pair) instead of once per element and head: accurate sinf/cosf of angles in the
+// thousands of radians take the slow argument reduction.
+__global__ void rope_table(const int* pos, const float* inv_freq, float2* cs, long long t, long long half) {
+    LOOP(i, t * half) {
+        float a = inv_freq[i % half] * (float)pos[i / half];
+        cs[i] = make_float2(cosf(a), sinf(a));
+    }
+}
+
 // Integer arithmetic wraps (done in unsigned), division truncates; zero divisors are refused
 // on the host first.
 __global__ void binary_i32(const int* a, const int* b, int* o, long long n, Strided s, int op) {
@@ -503,10 +513,10 @@ __global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* 
         }
     }
 }
-
-// One thread per (position, head, feature). Angles `inv_freq·pos` in f32 as transformers
 // builds them; `sign` = −1 turns by −θ (the backward).
-__global__ void SFX(rope)(const S* x, const int* pos, const float* inv_freq, S* o, long long t, long long heads,
+// One thread per (position, head, feature), rotating with the (cos, sin) of rope_table.
+// `sign` = −1 turns by −θ (the backward).
+__global__ void SFX(rope)(const S* x, const float2* cs, S* o, long long t, long long heads,
                           long long hd, long long half, int interleaved, float sign) {
     LOOP(i, t * heads * hd) {
         long long e = i % hd;
@@ -518,8 +528,8 @@ __global__ void SFX(rope)(const S* x, const int* pos, const float* inv_freq, S* 
         }
         const S* xr = x + row * hd;
         long long pair = interleaved ? e / 2 : (e < half ? e : e - half);
-        float a = inv_freq[pair] * (float)pos[p];
-        float c = cosf(a), s = sign * sinf(a);
+        float2 w = cs[p * half + pair];
+        float c = w.x, s = sign * w.y;
         float u, v;
         bool first;
         if (interleaved) {
