@@ -15,7 +15,10 @@
 //!
 //! Exact: a fused step rounds to its own dtype as the op alone would (see `Op::Fused`), so
 //! results are bit for bit those of the unfused graph; tests check it on whole training steps.
-//! Runs after `simplify` (which merges duplicate casts first) and before `recompute`.
+//! Runs after `simplify` (which merges duplicate casts first) and after `recompute`: a
+//! forward value the backward reads from its recomputed copy is then read by the forward
+//! alone and fuses with it; a group never mixes recomputed and original nodes (the flag
+//! decides where `Graph::topo_order` places a node).
 use crate::fuse::{remove_dead, replace_uses};
 use crate::pass::{Pass, PassContext};
 use anyhow::{Context, Result};

@@ -55,12 +55,14 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     // After autodiff (DESIGN "The flow"), so the rules fuse the loss's backward too.
     passes.insert_before("partition", FusePass::standard())?;
     passes.insert_before("partition", SimplifyPass)?;
-    // Elementwise chains become one kernel each; after simplify, whose merged casts make
-    // longer chains, and before recompute, so checkpointing copies fused nodes.
-    passes.insert_before("partition", FuseElementwisePass)?;
     // Checkpointing after fusion: it copies the kernels that will run, and egg would merge
     // a copy with its original again (passes/src/recompute.rs).
     passes.insert_before("partition", RecomputePass::from_config(cfg)?)?;
+    // Elementwise chains become one kernel each. After recompute: a forward value that
+    // the backward now reads from its recomputed copy has no reader left but the next op
+    // of the forward, so the whole chain (e.g. SwiGLU's add·silu·mul) fuses; groups never
+    // mix recomputed and original nodes.
+    passes.insert_before("partition", FuseElementwisePass)?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

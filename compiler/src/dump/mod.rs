@@ -152,6 +152,37 @@ pub fn format_count(n: u64) -> String {
 /// or field shows up in dumps without touching this module. Types are left out (the dump
 /// prints the result type anyway).
 pub(crate) fn op_attributes(op: &qplc_ops::Op) -> Vec<(String, serde_json::Value)> {
+    // A fused chain reads as its steps, `s1 = add(x1, s0)`, not as nested JSON.
+    if let qplc_ops::Op::Fused { steps } = op {
+        let text: Vec<String> = steps
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let args: Vec<String> = st
+                    .args
+                    .iter()
+                    .map(|a| match a {
+                        qplc_ops::FusedArg::Input(k) => format!("x{k}"),
+                        qplc_ops::FusedArg::Step(j) => format!("s{j}"),
+                    })
+                    .collect();
+                let attrs: Vec<String> = op_attributes(&st.op)
+                    .iter()
+                    .map(|(k, v)| match v {
+                        serde_json::Value::String(s) => format!("{k}={s}"),
+                        v => format!("{k}={v}"),
+                    })
+                    .collect();
+                let attrs = if attrs.is_empty() {
+                    String::new()
+                } else {
+                    format!("{{{}}}", attrs.join(","))
+                };
+                format!("s{i}={}{attrs}({})", st.op.name(), args.join(","))
+            })
+            .collect();
+        return vec![("steps".into(), serde_json::Value::String(text.join("; ")))];
+    }
     let Ok(serde_json::Value::Object(outer)) = serde_json::to_value(op) else {
         return Vec::new();
     };

@@ -107,8 +107,8 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         .add(AutodiffPass)
         .add(FusePass::standard())
         .add(SimplifyPass)
-        .add(FuseElementwisePass)
-        .add(RecomputePass::from_config(cfg)?);
+        .add(RecomputePass::from_config(cfg)?)
+        .add(FuseElementwisePass);
     let mut cx = PassContext::new(seq_len, c.pipeline_stages as usize, &cfg.partition_method());
     cx.num_layers = Some(built.info.num_layers);
     let graph = passes.run(built.graph, &mut cx)?.graph;
