@@ -5,8 +5,8 @@
 use qplc_compiler::{build_forward, load_model_def, BuildOptions, Graph};
 use qplc_ops::{dropout, DType, Op};
 use qplc_passes::{
-    append_backward, append_loss, cross_entropy_rules, fuse, fuse_elementwise, recompute,
-    simplify, CheckpointPolicy, LoraPass, LoraSelection, ModuleMatch, DROPOUT_KEY,
+    append_backward, append_loss, cross_entropy_rules, fuse, fuse_elementwise, recompute, simplify,
+    CheckpointPolicy, LoraPass, LoraSelection, ModuleMatch, DROPOUT_KEY,
 };
 use qplc_runtime::checkpoint::Checkpoint;
 use qplc_runtime::executor::{Program, RunResult};
