@@ -367,14 +367,20 @@ __global__ void SFX(reduce)(const S* x, S* o, long long outer, long long len, lo
 #define NORM_WG_ROWS 64
 
 // Σ of `v` over the block (all threads get it); `sh` is NORM_THREADS doubles of shared memory.
+// Warp shuffles, then one warp over the warps' sums: two barriers instead of one per halving.
+// Needs a block of whole warps, every thread calling.
 __device__ double block_sum(double v, double* sh) {
-    sh[threadIdx.x] = v;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) sh[warp] = v;
     __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-        if (threadIdx.x < w) sh[threadIdx.x] += sh[threadIdx.x + w];
-        __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? sh[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) sh[32] = v;
     }
-    double r = sh[0];
+    __syncthreads();
+    double r = sh[32];
     __syncthreads();
     return r;
 }
