@@ -40,7 +40,18 @@ pub struct FuseElementwiseStats {
     pub nodes: usize,
 }
 
-pub struct FuseElementwisePass;
+pub struct FuseElementwisePass {
+    /// `fuse_elementwise` of the config (on unless turned off).
+    pub enabled: bool,
+}
+
+impl FuseElementwisePass {
+    pub fn from_config(cfg: &qplc_compiler::config::LoadedConfig) -> Self {
+        FuseElementwisePass {
+            enabled: cfg.config.fuse_elementwise,
+        }
+    }
+}
 
 impl Pass for FuseElementwisePass {
     fn name(&self) -> &str {
@@ -48,6 +59,9 @@ impl Pass for FuseElementwisePass {
     }
 
     fn run(&self, mut graph: Graph, cx: &mut PassContext) -> Result<Graph> {
+        if !self.enabled {
+            return Ok(graph);
+        }
         let s = fuse_elementwise(&mut graph)?;
         if s.groups > 0 {
             cx.notes.push(format!(

@@ -62,7 +62,7 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     // the backward now reads from its recomputed copy has no reader left but the next op
     // of the forward, so the whole chain (e.g. SwiGLU's add·silu·mul) fuses; groups never
     // mix recomputed and original nodes.
-    passes.insert_before("partition", FuseElementwisePass)?;
+    passes.insert_before("partition", FuseElementwisePass::from_config(cfg))?;
     if let Some(after) = &opts.dump_after {
         for f in &opts.formats {
             passes.dump_after(after, *f, DumpView::Full)?;

@@ -94,6 +94,11 @@ pub struct TrainConfig {
     /// unless asked.
     #[serde(default)]
     pub activation_offload: bool,
+    /// qplc extension: run chains of elementwise ops as one kernel each (the
+    /// `fuse_elementwise` pass; results are bit for bit the same). `false` is for
+    /// measuring what fusion buys.
+    #[serde(default = "default_true")]
+    pub fuse_elementwise: bool,
 
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
@@ -146,6 +151,10 @@ fn default_stages() -> i64 {
 fn default_partition() -> toml::Value {
     toml::Value::String("uniform".into())
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_checkpointing() -> String {
     "layer".into()
 }

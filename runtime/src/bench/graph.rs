@@ -52,6 +52,9 @@ pub fn config_toml(mode: Mode, seq: usize, rank: usize, lr: f64, gc: bool, auto:
         )),
         Mode::Full => t.push_str("full_fine_tune = true\n"),
     }
+    if std::env::var("QPLC_BENCH_NO_FUSE").is_ok_and(|v| v == "1") {
+        t.push_str("fuse_elementwise = false\n");
+    }
     // The config default is "layer" (the reference always checkpoints); the bench says which.
     if gc && auto {
         t.push_str("activation_checkpointing = \"auto\"\n");

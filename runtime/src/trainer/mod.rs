@@ -108,7 +108,7 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         .add(FusePass::standard())
         .add(SimplifyPass)
         .add(RecomputePass::from_config(cfg)?)
-        .add(FuseElementwisePass);
+        .add(FuseElementwisePass::from_config(cfg));
     let mut cx = PassContext::new(seq_len, c.pipeline_stages as usize, &cfg.partition_method());
     cx.num_layers = Some(built.info.num_layers);
     let graph = passes.run(built.graph, &mut cx)?.graph;
