@@ -8,6 +8,7 @@
 //!   two results compared and the times in the row name.
 use super::check::{compare, CheckRow, F32_TOL};
 use super::gemm::{Elem, Engine, Product};
+use super::skinny::Tuning;
 use super::{cuda_err, CudaBackend};
 use crate::adapter_init::Pcg32;
 use crate::backend::{Backend, KernelError};
@@ -282,24 +283,48 @@ fn lora_8b(
     let (mut want, mut got) = (gpu.alloc(&ty)?, gpu.alloc(&ty)?);
     let (a, b) = (ag.f32("skinny check")?, bg.f32("skinny check")?);
     let (cublas, cublas_host) = time(gpu, Engine::Cublas, p, a, b, want.f32_mut("skinny check")?)?;
+    // Other knobs of the small-n kernels, to show the defaults' choice.
     let mut alt = String::new();
     if p.k > 1024 {
-        for target in [264, 1320] {
+        let variants = [
+            (
+                "2 stages",
+                Tuning {
+                    blocks: None,
+                    stages: Some(2),
+                },
+            ),
+            (
+                "4 stages",
+                Tuning {
+                    blocks: None,
+                    stages: Some(4),
+                },
+            ),
+            (
+                "1320 blocks",
+                Tuning {
+                    blocks: Some(1320),
+                    stages: None,
+                },
+            ),
+        ];
+        for (what, tuning) in variants {
             let mut scratch = gpu.alloc(&ty)?;
             let (s, _) = time(
                 gpu,
-                Engine::Skinny(Some(target)),
+                Engine::Skinny(tuning),
                 p,
                 a,
                 b,
                 scratch.f32_mut("skinny check")?,
             )?;
-            alt.push_str(&format!(", {target} blocks {:.1}", s * 1e6));
+            alt.push_str(&format!(", {what} {:.1}", s * 1e6));
         }
     }
     let (ours, host) = time(
         gpu,
-        Engine::Skinny(None),
+        Engine::Skinny(Tuning::default()),
         p,
         a,
         b,
@@ -319,6 +344,44 @@ fn lora_8b(
         &gpu.download(&got)?,
         F32_TOL,
     ))
+}
+
+/// The memory floor to read the products' times against: a device-to-device copy of the
+/// biggest operand (f32 [4096, 14336], 235 MB read and 235 MB written), timed like them.
+fn copy_bandwidth(gpu: &CudaBackend) -> Result<CheckRow, KernelError> {
+    let n = 4096 * 14336;
+    let src = gpu.scratch::<f32>(n)?;
+    let mut dst = gpu.scratch::<f32>(n)?;
+    let reps = 10;
+    let mut busy = gpu.scratch::<f32>(BUSY)?;
+    gpu.fill_f32(&mut busy, BUSY, 0.0)?;
+    let event = || {
+        gpu.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("skinny check", "event", e))
+    };
+    let start = event()?;
+    for _ in 0..reps {
+        gpu.stream
+            .memcpy_dtod(&*src, &mut *dst)
+            .map_err(|e| cuda_err("skinny check", "device copy", e))?;
+    }
+    let end = event()?;
+    let s = start
+        .elapsed_ms(&end)
+        .map_err(|e| cuda_err("skinny check", "event time", e))? as f64
+        * 1e-3
+        / reps as f64;
+    let mut row = failed(
+        format!(
+            "skinny floor: device copy f32 [4096,14336] {:.1} µs, {:.2} TB/s read+write",
+            s * 1e6,
+            2.0 * (n * 4) as f64 / s / 1e12
+        ),
+        String::new(),
+    );
+    (row.rel_err, row.max_abs) = (0.0, 0.0);
+    Ok(row)
 }
 
 /// The adapter products of one Llama-8B LoRA step (T = 4096, rank 16).
@@ -364,6 +427,10 @@ pub fn skinny_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     rows.push(
         deterministic(gpu, &mut rng)
             .unwrap_or_else(|e| failed("skinny split-k determinism".into(), e.to_string())),
+    );
+    rows.push(
+        copy_bandwidth(gpu)
+            .unwrap_or_else(|e| failed("skinny floor: device copy".into(), e.to_string())),
     );
     rows.extend(lora_8b_products(gpu, &mut rng));
     rows

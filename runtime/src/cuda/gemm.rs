@@ -8,7 +8,7 @@
 //!
 //! f32 products with a side of at most a LoRA rank (`skinny::SMALL`) run on skinny.cu's
 //! kernels instead, also as true f32 (`skinny.rs` says why and how).
-use super::skinny::{self, Route};
+use super::skinny::{self, Route, Tuning};
 use super::{cuda_err, CudaBackend};
 use crate::backend::KernelError;
 use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
@@ -57,9 +57,8 @@ impl Elem {
 pub(crate) enum Engine {
     Auto,
     Cublas,
-    /// skinny.cu where it applies (cuBLAS otherwise), optionally with the number of blocks
-    /// a split product aims for.
-    Skinny(Option<usize>),
+    /// skinny.cu where it applies (cuBLAS otherwise), with the small-n kernels' knobs.
+    Skinny(Tuning),
 }
 
 impl CudaBackend {
@@ -93,12 +92,14 @@ impl CudaBackend {
         c: &mut CudaSlice<U>,
     ) -> Result<(), KernelError> {
         let skinny = match (ab, ce, engine) {
-            (Elem::F32, Elem::F32, Engine::Auto) => skinny::route(p).map(|r| (r, None)),
+            (Elem::F32, Elem::F32, Engine::Auto) => {
+                skinny::route(p).map(|r| (r, Tuning::default()))
+            }
             (Elem::F32, Elem::F32, Engine::Skinny(t)) => skinny::route(p).map(|r| (r, t)),
             _ => None,
         };
-        if let Some((route, target)) = skinny {
-            return self.skinny_product(name, p, route, target, a, b, c);
+        if let Some((route, tuning)) = skinny {
+            return self.skinny_product(name, p, route, tuning, a, b, c);
         }
         let op = |t: bool| {
             if t {
@@ -184,7 +185,7 @@ impl CudaBackend {
         name: &'static str,
         p: &Product,
         route: Route,
-        target: Option<usize>,
+        tuning: Tuning,
         a: &CudaSlice<T>,
         b: &CudaSlice<T>,
         c: &mut CudaSlice<U>,
@@ -192,6 +193,6 @@ impl CudaBackend {
         let (pa, _ra) = a.device_ptr(&self.stream);
         let (pb, _rb) = b.device_ptr(&self.stream);
         let (pc, _rc) = c.device_ptr_mut(&self.stream);
-        self.skinny_gemm(name, p, route, pa, pb, pc, target)
+        self.skinny_gemm(name, p, route, pa, pb, pc, tuning)
     }
 }

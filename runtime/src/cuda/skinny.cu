@@ -23,6 +23,7 @@ struct SkinnyArgs {
     i64 sa_i, sa_p, sb_p, sb_j, sc_i, sc_j;
     i64 batch_a, batch_b, batch_c;    // elements between the matrices of a batch
     i64 split_c;                      // elements between the partial results of two splits
+    i64 stages;                       // pipeline depth of the small-n kernels, 2..4
 };
 
 // --- small n: C[m, n] = A[m, k] · B[k, n], n <= 64 -------------------------------------
@@ -60,11 +61,15 @@ __device__ __forceinline__ void copy4(void* dst, const float* src, bool valid) {
                  "r"(valid ? 4 : 0));
 }
 __device__ __forceinline__ void copies_issued() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most one group (the tile issued last) is still in flight.
-__device__ __forceinline__ void all_but_last_arrived() { asm volatile("cp.async.wait_group 1;\n" ::); }
+// Waits until at most `pending` groups (the tiles issued last) are still in flight.
+__device__ __forceinline__ void arrived_all_but(int pending) {
+    if (pending <= 1) asm volatile("cp.async.wait_group 1;\n" ::);
+    else if (pending == 2) asm volatile("cp.async.wait_group 2;\n" ::);
+    else asm volatile("cp.async.wait_group 3;\n" ::);
+}
 
 // Shared memory of one pipeline stage, in floats: the A tile (padded rows, see above) and
-// the B tile. Two stages; skinny.rs sizes the launch from the same numbers.
+// the B tile. `s.stages` of them; skinny.rs sizes the launch from the same numbers.
 template <bool KMAJOR, int NB>
 struct Stage {
     static constexpr int AS_ROWS = KMAJOR ? SK_BK : SK_BM;
@@ -127,11 +132,12 @@ __device__ __forceinline__ void skinny_body(const float* __restrict__ a,
     typedef Stage<KMAJOR, NB> S;
     constexpr int TN = NB / 4;
     extern __shared__ __align__(16) float smem[];
+    const int stages = (int)s.stages;
     {
-        // The launch must bring the two stages (skinny.rs computes the size); fail loudly.
+        // The launch must bring the stages (skinny.rs computes the size); fail loudly.
         unsigned dyn;
         asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (dyn < 2 * S::FLOATS * sizeof(float)) __trap();
+        if (stages < 2 || stages > 4 || dyn < stages * S::FLOATS * sizeof(float)) __trap();
     }
 
     const int t = threadIdx.x;
@@ -153,14 +159,22 @@ __device__ __forceinline__ void skinny_body(const float* __restrict__ a,
 #pragma unroll
         for (int jj = 0; jj < TN; ++jj) acc[ii][jj] = 0.0f;
 
-    stage_tile<KMAJOR, NB>(smem, a, b, s, vec, i0, p_begin, p_end);
-    copies_issued();
+    // Software pipeline: `stages - 1` tiles are in flight while one is multiplied. Every
+    // step commits one copy group (empty past the end), so "all but the last stages - 1
+    // groups have arrived" always means "this step's tile is in shared memory".
+    for (int q = 0; q < stages - 1; ++q) {
+        i64 p = p_begin + q * SK_BK;
+        if (p < p_end) stage_tile<KMAJOR, NB>(smem + q * S::FLOATS, a, b, s, vec, i0, p, p_end);
+        copies_issued();
+    }
     int buf = 0;
-    for (i64 p0 = p_begin; p0 < p_end; p0 += SK_BK, buf ^= 1) {
-        if (p0 + SK_BK < p_end)
-            stage_tile<KMAJOR, NB>(smem + (buf ^ 1) * S::FLOATS, a, b, s, vec, i0, p0 + SK_BK, p_end);
-        copies_issued();  // possibly empty: keeps "all but the last group" meaning this tile
-        all_but_last_arrived();
+    for (i64 p0 = p_begin; p0 < p_end; p0 += SK_BK, buf = buf + 1 == stages ? 0 : buf + 1) {
+        const i64 ahead = p0 + (stages - 1) * SK_BK;
+        int into = buf + stages - 1;
+        if (into >= stages) into -= stages;
+        if (ahead < p_end) stage_tile<KMAJOR, NB>(smem + into * S::FLOATS, a, b, s, vec, i0, ahead, p_end);
+        copies_issued();
+        arrived_all_but(stages - 1);
         __syncthreads();
         const float (*As)[S::AS_COLS] = reinterpret_cast<const float (*)[S::AS_COLS]>(smem + buf * S::FLOATS);
         const float (*Bs)[NB] = reinterpret_cast<const float (*)[NB]>(smem + buf * S::FLOATS + S::AS_ROWS * S::AS_COLS);
@@ -195,7 +209,7 @@ __device__ __forceinline__ void skinny_body(const float* __restrict__ a,
                     for (int jj = 0; jj < TN; ++jj) acc[ii][jj] = fmaf(ar[ii], bw[jj], acc[ii][jj]);
             }
         }
-        // The stage just read is the one the next iteration's copies overwrite.
+        // The stage just read is the one the next step's copies overwrite.
         __syncthreads();
     }
 
@@ -238,57 +252,84 @@ extern "C" __global__ void skinny_sum_splits(const float* __restrict__ part, flo
 
 // --- small k: C[m, n] = A[m, k] · B[k, n], k <= 64 (h·Bᵀ, dh·A) ---------------------------
 //
-// Bound by writing C and by the FMAs (k an element). To overlap the two, a multiprocessor
-// must hold many blocks at different phases (one block computing while another's stores
-// drain), so blocks are small: a 64×64 tile of C, 128 threads, each an 8×4 register tile
-// (rows ty*4 + {0..3} and 32 + ty*4 + {0..3}, columns tx*4 + {0..3}); a warp's float4 stores
-// cover 256 contiguous bytes of a row. k is staged 16 at a time (zeros past k).
+// Bound by writing C, with k FMAs an element beside it. Blocks are persistent (one wave,
+// each walking tiles gridDim.x apart) and pipelined: the next tile's A and B rows are
+// copied into shared memory while the current tile is multiplied and its stores drain, so
+// the stores never wait for a load. A tile is 64×64 of C; 128 threads, each an 8×4 register
+// tile (rows ty*4 + {0..3} and 32 + ty*4 + {0..3}, columns tx*4 + {0..3}); a warp's float4
+// stores cover 256 contiguous bytes of a row. All of k (padded to 16 with zeros) is staged
+// at once: 2 stages × (A + B) × kp × (64 + 4) floats of dynamic shared memory.
 #define OK_BM 64
 #define OK_BN 64
-#define OK_BK 16
+#define OK_KSTEP 16
 #define OK_THREADS 128
+#define OK_LD (OK_BM + 4)
+
+// Copies the A rows and B columns of tile `tile` (k-major, kp × OK_LD each) into `st`.
+__device__ __forceinline__ void outer_stage(float* st, const float* a, const float* b,
+                                            const SkinnyArgs& s, i64 tile, i64 tiles_n, int kp) {
+    const i64 tiles_mn = ((s.m + OK_BM - 1) / OK_BM) * tiles_n;
+    const i64 z = tile / tiles_mn, r = tile % tiles_mn;
+    const i64 i0 = (r / tiles_n) * OK_BM, j0 = (r % tiles_n) * OK_BN;
+    a += z * s.batch_a;
+    b += z * s.batch_b;
+    float* As = st;
+    float* Bs = st + kp * OK_LD;
+    for (int f = threadIdx.x; f < OK_BM * kp; f += OK_THREADS) {
+        int kk, row;
+        if (s.sa_p == 1) { kk = f % kp; row = f / kp; } else { row = f % OK_BM; kk = f / OK_BM; }
+        i64 i = i0 + row;
+        bool in = i < s.m && kk < s.k;
+        copy4(&As[kk * OK_LD + row], in ? a + i * s.sa_i + kk * s.sa_p : a, in);
+    }
+    for (int f = threadIdx.x; f < OK_BN * kp; f += OK_THREADS) {
+        int kk, col;
+        if (s.sb_j == 1) { col = f % OK_BN; kk = f / OK_BN; } else { kk = f % kp; col = f / kp; }
+        i64 j = j0 + col;
+        bool in = j < s.n && kk < s.k;
+        copy4(&Bs[kk * OK_LD + col], in ? b + kk * s.sb_p + j * s.sb_j : b, in);
+    }
+}
 
 extern "C" __global__ void __launch_bounds__(OK_THREADS, 5)
     skinny_outer(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
-                 const SkinnyArgs s) {
-    __shared__ __align__(16) float As[OK_BK][OK_BM + 4];
-    __shared__ __align__(16) float Bs[OK_BK][OK_BN + 4];
+                 const SkinnyArgs s, i64 tiles, i64 tiles_n) {
+    extern __shared__ __align__(16) float smem[];
+    const int kp = (int)((s.k + OK_KSTEP - 1) / OK_KSTEP) * OK_KSTEP;
+    const int stage_floats = 2 * kp * OK_LD;
+    {
+        unsigned dyn;
+        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
+        if (kp > 64 || dyn < 2 * stage_floats * sizeof(float)) __trap();
+    }
     const int t = threadIdx.x;
     const int tx = t & 15, ty = t >> 4;
-    const i64 i0 = (i64)blockIdx.y * OK_BM, j0 = (i64)blockIdx.x * OK_BN;
-    a += (i64)blockIdx.z * s.batch_a;
-    b += (i64)blockIdx.z * s.batch_b;
-    c += (i64)blockIdx.z * s.batch_c;
+    const i64 tiles_mn = ((s.m + OK_BM - 1) / OK_BM) * tiles_n;
+    const bool vec = s.sc_j == 1 && s.sc_i % 4 == 0 && ((unsigned long long)c & 15) == 0 &&
+                     s.batch_c % 4 == 0;
 
-    float acc[8][4];
-#pragma unroll
-    for (int u = 0; u < 8; ++u)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) acc[u][v] = 0.0f;
-
-    for (i64 p0 = 0; p0 < s.k; p0 += OK_BK) {
-#pragma unroll
-        for (int q = 0; q < OK_BM * OK_BK / OK_THREADS; ++q) {
-            int f = q * OK_THREADS + t;
-            int kk, row;
-            if (s.sa_p == 1) { kk = f & (OK_BK - 1); row = f / OK_BK; } else { row = f & (OK_BM - 1); kk = f / OK_BM; }
-            i64 i = i0 + row, p = p0 + kk;
-            As[kk][row] = (i < s.m && p < s.k) ? a[i * s.sa_i + p * s.sa_p] : 0.0f;
-        }
-#pragma unroll
-        for (int q = 0; q < OK_BN * OK_BK / OK_THREADS; ++q) {
-            int f = q * OK_THREADS + t;
-            int kk, col;
-            if (s.sb_j == 1) { col = f & (OK_BN - 1); kk = f / OK_BN; } else { kk = f & (OK_BK - 1); col = f / OK_BK; }
-            i64 j = j0 + col, p = p0 + kk;
-            Bs[kk][col] = (j < s.n && p < s.k) ? b[p * s.sb_p + j * s.sb_j] : 0.0f;
-        }
+    i64 tile = blockIdx.x;
+    if (tile < tiles) outer_stage(smem, a, b, s, tile, tiles_n, kp);
+    copies_issued();
+    for (int buf = 0; tile < tiles; tile += gridDim.x, buf ^= 1) {
+        const i64 next = tile + gridDim.x;
+        if (next < tiles) outer_stage(smem + (buf ^ 1) * stage_floats, a, b, s, next, tiles_n, kp);
+        copies_issued();
+        arrived_all_but(1);
         __syncthreads();
+        const float* As = smem + buf * stage_floats;
+        const float* Bs = As + kp * OK_LD;
+
+        float acc[8][4];
 #pragma unroll
-        for (int kk = 0; kk < OK_BK; ++kk) {
-            float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
-            float4 a1 = *reinterpret_cast<const float4*>(&As[kk][32 + ty * 4]);
-            float4 b0 = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
+        for (int u = 0; u < 8; ++u)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[u][v] = 0.0f;
+#pragma unroll 4
+        for (int kk = 0; kk < kp; ++kk) {
+            float4 a0 = *reinterpret_cast<const float4*>(&As[kk * OK_LD + ty * 4]);
+            float4 a1 = *reinterpret_cast<const float4*>(&As[kk * OK_LD + 32 + ty * 4]);
+            float4 b0 = *reinterpret_cast<const float4*>(&Bs[kk * OK_LD + tx * 4]);
             float ar[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
             float br[4] = {b0.x, b0.y, b0.z, b0.w};
 #pragma unroll
@@ -296,22 +337,24 @@ extern "C" __global__ void __launch_bounds__(OK_THREADS, 5)
 #pragma unroll
                 for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(ar[u], br[v], acc[u][v]);
         }
-        __syncthreads();
-    }
 
-    const bool vec = s.sc_j == 1 && s.sc_i % 4 == 0 && ((unsigned long long)c & 15) == 0;
-    const i64 j = j0 + tx * 4;
+        const i64 z = tile / tiles_mn, r = tile % tiles_mn;
+        const i64 i0 = (r / tiles_n) * OK_BM, j = (r % tiles_n) * OK_BN + tx * 4;
+        float* cz = c + z * s.batch_c;
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-        i64 i = i0 + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));
-        if (i >= s.m) continue;
-        if (vec && j + 3 < s.n) {
-            *reinterpret_cast<float4*>(c + i * s.sc_i + j) =
-                make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-        } else {
+        for (int u = 0; u < 8; ++u) {
+            i64 i = i0 + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));
+            if (i >= s.m) continue;
+            if (vec && j + 3 < s.n) {
+                *reinterpret_cast<float4*>(cz + i * s.sc_i + j) =
+                    make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+            } else {
 #pragma unroll
-            for (int v = 0; v < 4; ++v)
-                if (j + v < s.n) c[i * s.sc_i + (j + v) * s.sc_j] = acc[u][v];
+                for (int v = 0; v < 4; ++v)
+                    if (j + v < s.n) cz[i * s.sc_i + (j + v) * s.sc_j] = acc[u][v];
+            }
         }
+        // The stage just read is the one the next tile's copies overwrite.
+        __syncthreads();
     }
 }

@@ -47,8 +47,9 @@ const MIN_SPLIT_K: usize = 4 * K_TILE;
 /// Blocks a split product aims for where the occupancy was not measured (an H200 holds
 /// five small-n blocks on each of its 132 multiprocessors).
 const DEFAULT_RESIDENT: usize = 4 * 132;
-/// The small-k tile of C (`OK_BM` × `OK_BN`, 128 threads).
+/// The small-k tile of C (`OK_BM` × `OK_BN`, 128 threads) and the step k is padded to.
 const OUTER_TILE: usize = 64;
+const OUTER_K_STEP: usize = 16;
 /// Most blocks along a grid's y and z axes.
 const MAX_GRID_YZ: usize = 65_535;
 
@@ -73,16 +74,22 @@ pub fn compile_skinny_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, 
     })
 }
 
-/// Shared memory of a small-n kernel: two pipeline stages of an A tile (128 rows × 32 k,
-/// rows padded by 4 floats: `Stage` in skinny.cu) and a B tile (32 k × `nb`). The kernel
+/// Shared memory of a small-n kernel: `stages` pipeline stages of an A tile (128 rows × 32
+/// k, rows padded by 4 floats: `Stage` in skinny.cu) and a B tile (32 k × `nb`). The kernel
 /// traps if a launch brings less.
-fn small_n_smem_bytes(kmajor: bool, nb: usize) -> usize {
+fn small_n_smem_bytes(kmajor: bool, nb: usize, stages: usize) -> usize {
     let a_tile = if kmajor {
         K_TILE * (ROWS_PER_BLOCK + 4)
     } else {
         ROWS_PER_BLOCK * (K_TILE + 4)
     };
-    2 * (a_tile + K_TILE * nb) * std::mem::size_of::<f32>()
+    stages * (a_tile + K_TILE * nb) * std::mem::size_of::<f32>()
+}
+
+/// Shared memory of `skinny_outer` for k padded to `kp`: two stages of A and B, k-major,
+/// rows of 64 + 4 floats.
+fn outer_smem_bytes(kp: usize) -> usize {
+    2 * 2 * kp * (OUTER_TILE + 4) * std::mem::size_of::<f32>()
 }
 
 /// The small-n kernels: name, whether the big operand is staged k-major, tile width.
@@ -95,13 +102,19 @@ const SMALL_N_KERNELS: [(&str, bool, usize); 6] = [
     ("skinny_cols64", true, 64),
 ];
 
-/// How many small-n blocks the GPU holds at once, by kernel: the k-splits are chosen to fill
-/// one wave (a second, partly filled wave would double the time). Measured when the first
-/// backend loads the kernels; a process drives one kind of GPU.
-static RESIDENT: OnceLock<HashMap<&'static str, usize>> = OnceLock::new();
+/// Pipeline depths a small-n kernel runs with (`stages` in skinny.cu), and the default:
+/// three tiles in flight cover the memory latency at five blocks a multiprocessor.
+const STAGES: std::ops::RangeInclusive<usize> = 2..=4;
+const DEFAULT_STAGES: usize = 3;
 
-/// Loads the compiled module, sizes the small-n kernels' shared memory, and adds every
-/// kernel to the backend's table (`launch!` finds them by name like kernels.cu's).
+/// How many blocks the GPU holds at once: small-n kernels by (name, stages), whose k-splits
+/// fill one wave (a second, partly filled wave would double the time); `skinny_outer` by
+/// padded k, whose persistent blocks are one wave. Measured when the first backend loads the
+/// kernels; a process drives one kind of GPU.
+static RESIDENT: OnceLock<HashMap<(&'static str, usize), usize>> = OnceLock::new();
+
+/// Loads the compiled module, sizes the kernels' shared memory, and adds every kernel to the
+/// backend's table (`launch!` finds them by name like kernels.cu's).
 pub(crate) fn load(
     ctx: &Arc<CudaContext>,
     ptx: cudarc::nvrtc::Ptx,
@@ -119,21 +132,48 @@ pub(crate) fn load(
         let f = module
             .load_function(name)
             .map_err(|e| cuda_err("cuda", &format!("kernel `{name}`"), e))?;
-        if let Some(&(_, kmajor, nb)) = SMALL_N_KERNELS.iter().find(|k| k.0 == *name) {
-            let smem = small_n_smem_bytes(kmajor, nb);
-            f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+        // (variant, shared memory) pairs the kernel may be launched with.
+        let sizes: Vec<(usize, usize)> = match SMALL_N_KERNELS.iter().find(|k| k.0 == *name) {
+            Some(&(_, kmajor, nb)) => STAGES
+                .map(|st| (st, small_n_smem_bytes(kmajor, nb, st)))
+                .collect(),
+            None if *name == "skinny_outer" => (1..=SMALL / OUTER_K_STEP)
+                .map(|q| (q * OUTER_K_STEP, outer_smem_bytes(q * OUTER_K_STEP)))
+                .collect(),
+            None => Vec::new(),
+        };
+        if let Some(most) = sizes.iter().map(|v| v.1).max() {
+            f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, most as i32)
                 .map_err(|e| {
-                    cuda_err("cuda", &format!("{name}: {smem} bytes of shared memory"), e)
+                    cuda_err("cuda", &format!("{name}: {most} bytes of shared memory"), e)
                 })?;
+        }
+        for (variant, smem) in sizes {
             let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(ROWS_PER_BLOCK as u32, smem, None)
+                .occupancy_max_active_blocks_per_multiprocessor(128, smem, None)
                 .map_err(|e| cuda_err("cuda", &format!("{name}: occupancy"), e))?;
-            resident.insert(*name, sms * per_sm.max(1) as usize);
+            resident.insert((*name, variant), sms * per_sm.max(1) as usize);
         }
         funcs.insert(name.to_string(), f);
     }
     let _ = RESIDENT.set(resident);
     Ok(())
+}
+
+/// Blocks of `kernel` (in `variant`) the GPU holds at once; an estimate where unmeasured.
+fn resident(kernel: &'static str, variant: usize) -> usize {
+    RESIDENT
+        .get()
+        .and_then(|r| r.get(&(kernel, variant)).copied())
+        .unwrap_or(DEFAULT_RESIDENT)
+}
+
+/// Knobs of the small-n kernels, for the timing checks: blocks a split product aims for
+/// (default: one wave) and pipeline stages (default `DEFAULT_STAGES`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Tuning {
+    pub blocks: Option<usize>,
+    pub stages: Option<usize>,
 }
 
 /// `struct SkinnyArgs` of skinny.cu.
@@ -154,6 +194,7 @@ struct SkinnyArgs {
     batch_b: i64,
     batch_c: i64,
     split_c: i64,
+    stages: i64,
 }
 
 // SAFETY: plain `#[repr(C)]` 8-byte integers, laid out as the C struct.
@@ -232,8 +273,8 @@ fn splits(rows: usize, batch: usize, k: usize, target: usize) -> (usize, usize) 
 
 impl CudaBackend {
     /// Runs an f32 product `route` accepted: `a`, `b`, `c` are device pointers to f32
-    /// buffers laid out as `p` describes (`c` row-major [batch, m, n]). `target_blocks`
-    /// overrides how many blocks a split small-n product aims for (the timing checks).
+    /// buffers laid out as `p` describes (`c` row-major [batch, m, n]). `tuning` overrides
+    /// the small-n kernels' defaults (the timing checks).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn skinny_gemm(
         &self,
@@ -243,7 +284,7 @@ impl CudaBackend {
         a: u64,
         b: u64,
         c: u64,
-        target_blocks: Option<usize>,
+        tuning: Tuning,
     ) -> Result<(), KernelError> {
         if route == Route::Outer {
             let (sa_i, sa_p) = if p.ta { (1, p.lda) } else { (p.lda, 1) };
@@ -263,17 +304,20 @@ impl CudaBackend {
                 batch_b: p.stride_b as i64,
                 batch_c: (p.m * p.n) as i64,
                 split_c: 0,
+                stages: 2,
             };
+            let kp = p.k.div_ceil(OUTER_K_STEP) * OUTER_K_STEP;
+            let tiles_n = p.n.div_ceil(OUTER_TILE);
+            let tiles = p.batch * p.m.div_ceil(OUTER_TILE) * tiles_n;
+            // Persistent blocks: one wave, each walking the tiles.
+            let blocks = tiles.min(resident("skinny_outer", kp));
             let cfg = LaunchConfig {
-                grid_dim: (
-                    grid_x(name, p.n.div_ceil(OUTER_TILE))?,
-                    p.m.div_ceil(OUTER_TILE) as u32,
-                    p.batch as u32,
-                ),
+                grid_dim: (grid_x(name, blocks)?, 1, 1),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
+                shared_mem_bytes: outer_smem_bytes(kp) as u32,
             };
-            return launch!(self, "skinny_outer", cfg; &a, &b, &c, &s);
+            let (tiles, tiles_n) = (tiles as i64, tiles_n as i64);
+            return launch!(self, "skinny_outer", cfg; &a, &b, &c, &s, &tiles, &tiles_n);
         }
         let mut s = small_n_args(p, route);
         let (rows, cols) = (s.m as usize, s.n as usize);
@@ -289,14 +333,17 @@ impl CudaBackend {
             .find(|k| k.1 == kmajor && k.2 == nb)
             .copied()
             .ok_or_else(|| KernelError::new(name, "no small-n kernel for this shape"))?;
-        let target = target_blocks.unwrap_or_else(|| {
-            RESIDENT
-                .get()
-                .and_then(|r| r.get(kernel).copied())
-                .unwrap_or(DEFAULT_RESIDENT)
-        });
+        let stages = tuning.stages.unwrap_or(DEFAULT_STAGES);
+        if !STAGES.contains(&stages) {
+            return Err(KernelError::new(
+                name,
+                format!("{stages} pipeline stages asked for; the kernels run {STAGES:?}"),
+            ));
+        }
+        let target = tuning.blocks.unwrap_or_else(|| resident(kernel, stages));
         let (nsplit, kslice) = splits(rows, p.batch, p.k, target);
         s.kslice = kslice as i64;
+        s.stages = stages as i64;
         let cfg = LaunchConfig {
             grid_dim: (
                 grid_x(name, rows.div_ceil(ROWS_PER_BLOCK))?,
@@ -304,7 +351,7 @@ impl CudaBackend {
                 p.batch as u32,
             ),
             block_dim: (ROWS_PER_BLOCK as u32, 1, 1),
-            shared_mem_bytes: small_n_smem_bytes(kmajor, nb) as u32,
+            shared_mem_bytes: small_n_smem_bytes(kmajor, nb, stages) as u32,
         };
         // The small-m product runs as its transpose, on `b` as the big operand.
         let (big, small) = if route == Route::SmallM {
