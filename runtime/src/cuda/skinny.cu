@@ -252,84 +252,57 @@ extern "C" __global__ void skinny_sum_splits(const float* __restrict__ part, flo
 
 // --- small k: C[m, n] = A[m, k] · B[k, n], k <= 64 (h·Bᵀ, dh·A) ---------------------------
 //
-// Bound by writing C, with k FMAs an element beside it. Blocks are persistent (one wave,
-// each walking tiles gridDim.x apart) and pipelined: the next tile's A and B rows are
-// copied into shared memory while the current tile is multiplied and its stores drain, so
-// the stores never wait for a load. A tile is 64×64 of C; 128 threads, each an 8×4 register
-// tile (rows ty*4 + {0..3} and 32 + ty*4 + {0..3}, columns tx*4 + {0..3}); a warp's float4
-// stores cover 256 contiguous bytes of a row. All of k (padded to 16 with zeros) is staged
-// at once: 2 stages × (A + B) × kp × (64 + 4) floats of dynamic shared memory.
+// Bound by writing C and by the FMAs (k an element). To overlap the two, a multiprocessor
+// must hold many blocks at different phases (one block computing while another's stores
+// drain), so blocks are small: a 64×64 tile of C, 128 threads, each an 8×4 register tile
+// (rows ty*4 + {0..3} and 32 + ty*4 + {0..3}, columns tx*4 + {0..3}); a warp's float4 stores
+// cover 256 contiguous bytes of a row. k is staged 16 at a time (zeros past k).
 #define OK_BM 64
 #define OK_BN 64
-#define OK_KSTEP 16
+#define OK_BK 16
 #define OK_THREADS 128
-#define OK_LD (OK_BM + 4)
-
-// Copies the A rows and B columns of tile `tile` (k-major, kp × OK_LD each) into `st`.
-__device__ __forceinline__ void outer_stage(float* st, const float* a, const float* b,
-                                            const SkinnyArgs& s, i64 tile, i64 tiles_n, int kp) {
-    const i64 tiles_mn = ((s.m + OK_BM - 1) / OK_BM) * tiles_n;
-    const i64 z = tile / tiles_mn, r = tile % tiles_mn;
-    const i64 i0 = (r / tiles_n) * OK_BM, j0 = (r % tiles_n) * OK_BN;
-    a += z * s.batch_a;
-    b += z * s.batch_b;
-    float* As = st;
-    float* Bs = st + kp * OK_LD;
-    for (int f = threadIdx.x; f < OK_BM * kp; f += OK_THREADS) {
-        int kk, row;
-        if (s.sa_p == 1) { kk = f % kp; row = f / kp; } else { row = f % OK_BM; kk = f / OK_BM; }
-        i64 i = i0 + row;
-        bool in = i < s.m && kk < s.k;
-        copy4(&As[kk * OK_LD + row], in ? a + i * s.sa_i + kk * s.sa_p : a, in);
-    }
-    for (int f = threadIdx.x; f < OK_BN * kp; f += OK_THREADS) {
-        int kk, col;
-        if (s.sb_j == 1) { col = f % OK_BN; kk = f / OK_BN; } else { kk = f % kp; col = f / kp; }
-        i64 j = j0 + col;
-        bool in = j < s.n && kk < s.k;
-        copy4(&Bs[kk * OK_LD + col], in ? b + kk * s.sb_p + j * s.sb_j : b, in);
-    }
-}
 
 extern "C" __global__ void __launch_bounds__(OK_THREADS, 5)
     skinny_outer(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ c,
-                 const SkinnyArgs s, i64 tiles, i64 tiles_n) {
-    extern __shared__ __align__(16) float smem[];
-    const int kp = (int)((s.k + OK_KSTEP - 1) / OK_KSTEP) * OK_KSTEP;
-    const int stage_floats = 2 * kp * OK_LD;
-    {
-        unsigned dyn;
-        asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-        if (kp > 64 || dyn < 2 * stage_floats * sizeof(float)) __trap();
-    }
+                 const SkinnyArgs s) {
+    __shared__ __align__(16) float As[OK_BK][OK_BM + 4];
+    __shared__ __align__(16) float Bs[OK_BK][OK_BN + 4];
     const int t = threadIdx.x;
     const int tx = t & 15, ty = t >> 4;
-    const i64 tiles_mn = ((s.m + OK_BM - 1) / OK_BM) * tiles_n;
-    const bool vec = s.sc_j == 1 && s.sc_i % 4 == 0 && ((unsigned long long)c & 15) == 0 &&
-                     s.batch_c % 4 == 0;
+    const i64 i0 = (i64)blockIdx.y * OK_BM, j0 = (i64)blockIdx.x * OK_BN;
+    a += (i64)blockIdx.z * s.batch_a;
+    b += (i64)blockIdx.z * s.batch_b;
+    c += (i64)blockIdx.z * s.batch_c;
 
-    i64 tile = blockIdx.x;
-    if (tile < tiles) outer_stage(smem, a, b, s, tile, tiles_n, kp);
-    copies_issued();
-    for (int buf = 0; tile < tiles; tile += gridDim.x, buf ^= 1) {
-        const i64 next = tile + gridDim.x;
-        if (next < tiles) outer_stage(smem + (buf ^ 1) * stage_floats, a, b, s, next, tiles_n, kp);
-        copies_issued();
-        arrived_all_but(1);
+    float acc[8][4];
+#pragma unroll
+    for (int u = 0; u < 8; ++u)
+#pragma unroll
+        for (int v = 0; v < 4; ++v) acc[u][v] = 0.0f;
+
+    for (i64 p0 = 0; p0 < s.k; p0 += OK_BK) {
+#pragma unroll
+        for (int q = 0; q < OK_BM * OK_BK / OK_THREADS; ++q) {
+            int f = q * OK_THREADS + t;
+            int kk, row;
+            if (s.sa_p == 1) { kk = f & (OK_BK - 1); row = f / OK_BK; } else { row = f & (OK_BM - 1); kk = f / OK_BM; }
+            i64 i = i0 + row, p = p0 + kk;
+            As[kk][row] = (i < s.m && p < s.k) ? a[i * s.sa_i + p * s.sa_p] : 0.0f;
+        }
+#pragma unroll
+        for (int q = 0; q < OK_BN * OK_BK / OK_THREADS; ++q) {
+            int f = q * OK_THREADS + t;
+            int kk, col;
+            if (s.sb_j == 1) { col = f & (OK_BN - 1); kk = f / OK_BN; } else { kk = f & (OK_BK - 1); col = f / OK_BK; }
+            i64 j = j0 + col, p = p0 + kk;
+            Bs[kk][col] = (j < s.n && p < s.k) ? b[p * s.sb_p + j * s.sb_j] : 0.0f;
+        }
         __syncthreads();
-        const float* As = smem + buf * stage_floats;
-        const float* Bs = As + kp * OK_LD;
-
-        float acc[8][4];
 #pragma unroll
-        for (int u = 0; u < 8; ++u)
-#pragma unroll
-            for (int v = 0; v < 4; ++v) acc[u][v] = 0.0f;
-#pragma unroll 4
-        for (int kk = 0; kk < kp; ++kk) {
-            float4 a0 = *reinterpret_cast<const float4*>(&As[kk * OK_LD + ty * 4]);
-            float4 a1 = *reinterpret_cast<const float4*>(&As[kk * OK_LD + 32 + ty * 4]);
-            float4 b0 = *reinterpret_cast<const float4*>(&Bs[kk * OK_LD + tx * 4]);
+        for (int kk = 0; kk < OK_BK; ++kk) {
+            float4 a0 = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+            float4 a1 = *reinterpret_cast<const float4*>(&As[kk][32 + ty * 4]);
+            float4 b0 = *reinterpret_cast<const float4*>(&Bs[kk][tx * 4]);
             float ar[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
             float br[4] = {b0.x, b0.y, b0.z, b0.w};
 #pragma unroll
@@ -337,24 +310,22 @@ extern "C" __global__ void __launch_bounds__(OK_THREADS, 5)
 #pragma unroll
                 for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(ar[u], br[v], acc[u][v]);
         }
-
-        const i64 z = tile / tiles_mn, r = tile % tiles_mn;
-        const i64 i0 = (r / tiles_n) * OK_BM, j = (r % tiles_n) * OK_BN + tx * 4;
-        float* cz = c + z * s.batch_c;
-#pragma unroll
-        for (int u = 0; u < 8; ++u) {
-            i64 i = i0 + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));
-            if (i >= s.m) continue;
-            if (vec && j + 3 < s.n) {
-                *reinterpret_cast<float4*>(cz + i * s.sc_i + j) =
-                    make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-            } else {
-#pragma unroll
-                for (int v = 0; v < 4; ++v)
-                    if (j + v < s.n) cz[i * s.sc_i + (j + v) * s.sc_j] = acc[u][v];
-            }
-        }
-        // The stage just read is the one the next tile's copies overwrite.
         __syncthreads();
+    }
+
+    const bool vec = s.sc_j == 1 && s.sc_i % 4 == 0 && ((unsigned long long)c & 15) == 0;
+    const i64 j = j0 + tx * 4;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+        i64 i = i0 + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));
+        if (i >= s.m) continue;
+        if (vec && j + 3 < s.n) {
+            *reinterpret_cast<float4*>(c + i * s.sc_i + j) =
+                make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+        } else {
+#pragma unroll
+            for (int v = 0; v < 4; ++v)
+                if (j + v < s.n) c[i * s.sc_i + (j + v) * s.sc_j] = acc[u][v];
+        }
     }
 }

@@ -47,9 +47,8 @@ const MIN_SPLIT_K: usize = 4 * K_TILE;
 /// Blocks a split product aims for where the occupancy was not measured (an H200 holds
 /// five small-n blocks on each of its 132 multiprocessors).
 const DEFAULT_RESIDENT: usize = 4 * 132;
-/// The small-k tile of C (`OK_BM` × `OK_BN`, 128 threads) and the step k is padded to.
+/// The small-k tile of C (`OK_BM` × `OK_BN`, 128 threads).
 const OUTER_TILE: usize = 64;
-const OUTER_K_STEP: usize = 16;
 /// Most blocks along a grid's y and z axes.
 const MAX_GRID_YZ: usize = 65_535;
 
@@ -86,12 +85,6 @@ fn small_n_smem_bytes(kmajor: bool, nb: usize, stages: usize) -> usize {
     stages * (a_tile + K_TILE * nb) * std::mem::size_of::<f32>()
 }
 
-/// Shared memory of `skinny_outer` for k padded to `kp`: two stages of A and B, k-major,
-/// rows of 64 + 4 floats.
-fn outer_smem_bytes(kp: usize) -> usize {
-    2 * 2 * kp * (OUTER_TILE + 4) * std::mem::size_of::<f32>()
-}
-
 /// The small-n kernels: name, whether the big operand is staged k-major, tile width.
 const SMALL_N_KERNELS: [(&str, bool, usize); 6] = [
     ("skinny_rows16", false, 16),
@@ -102,19 +95,20 @@ const SMALL_N_KERNELS: [(&str, bool, usize); 6] = [
     ("skinny_cols64", true, 64),
 ];
 
-/// Pipeline depths a small-n kernel runs with (`stages` in skinny.cu), and the default:
-/// three tiles in flight cover the memory latency at five blocks a multiprocessor.
+/// Pipeline depths a small-n kernel runs with (`stages` in skinny.cu), and the default: on
+/// the H200 a third or fourth stage gained nothing (within ±3% at [4096, 4096], up to 13%
+/// slower at [4096, 14336], where it costs resident blocks; notes/CUDA.md), so the kernels
+/// are not waiting on memory latency.
 const STAGES: std::ops::RangeInclusive<usize> = 2..=4;
-const DEFAULT_STAGES: usize = 3;
+const DEFAULT_STAGES: usize = 2;
 
-/// How many blocks the GPU holds at once: small-n kernels by (name, stages), whose k-splits
-/// fill one wave (a second, partly filled wave would double the time); `skinny_outer` by
-/// padded k, whose persistent blocks are one wave. Measured when the first backend loads the
-/// kernels; a process drives one kind of GPU.
+/// How many blocks of a small-n kernel (by name and stages) the GPU holds at once: the
+/// k-splits fill one wave (a second, partly filled wave would double the time). Measured
+/// when the first backend loads the kernels; a process drives one kind of GPU.
 static RESIDENT: OnceLock<HashMap<(&'static str, usize), usize>> = OnceLock::new();
 
-/// Loads the compiled module, sizes the kernels' shared memory, and adds every kernel to the
-/// backend's table (`launch!` finds them by name like kernels.cu's).
+/// Loads the compiled module, sizes the small-n kernels' shared memory, and adds every
+/// kernel to the backend's table (`launch!` finds them by name like kernels.cu's).
 pub(crate) fn load(
     ctx: &Arc<CudaContext>,
     ptx: cudarc::nvrtc::Ptx,
@@ -132,13 +126,10 @@ pub(crate) fn load(
         let f = module
             .load_function(name)
             .map_err(|e| cuda_err("cuda", &format!("kernel `{name}`"), e))?;
-        // (variant, shared memory) pairs the kernel may be launched with.
+        // (stages, shared memory) pairs a small-n kernel may be launched with.
         let sizes: Vec<(usize, usize)> = match SMALL_N_KERNELS.iter().find(|k| k.0 == *name) {
             Some(&(_, kmajor, nb)) => STAGES
                 .map(|st| (st, small_n_smem_bytes(kmajor, nb, st)))
-                .collect(),
-            None if *name == "skinny_outer" => (1..=SMALL / OUTER_K_STEP)
-                .map(|q| (q * OUTER_K_STEP, outer_smem_bytes(q * OUTER_K_STEP)))
                 .collect(),
             None => Vec::new(),
         };
@@ -304,20 +295,19 @@ impl CudaBackend {
                 batch_b: p.stride_b as i64,
                 batch_c: (p.m * p.n) as i64,
                 split_c: 0,
-                stages: 2,
+                // skinny_outer stages all of k at once; no pipeline.
+                stages: 0,
             };
-            let kp = p.k.div_ceil(OUTER_K_STEP) * OUTER_K_STEP;
-            let tiles_n = p.n.div_ceil(OUTER_TILE);
-            let tiles = p.batch * p.m.div_ceil(OUTER_TILE) * tiles_n;
-            // Persistent blocks: one wave, each walking the tiles.
-            let blocks = tiles.min(resident("skinny_outer", kp));
             let cfg = LaunchConfig {
-                grid_dim: (grid_x(name, blocks)?, 1, 1),
+                grid_dim: (
+                    grid_x(name, p.n.div_ceil(OUTER_TILE))?,
+                    p.m.div_ceil(OUTER_TILE) as u32,
+                    p.batch as u32,
+                ),
                 block_dim: (128, 1, 1),
-                shared_mem_bytes: outer_smem_bytes(kp) as u32,
+                shared_mem_bytes: 0,
             };
-            let (tiles, tiles_n) = (tiles as i64, tiles_n as i64);
-            return launch!(self, "skinny_outer", cfg; &a, &b, &c, &s, &tiles, &tiles_n);
+            return launch!(self, "skinny_outer", cfg; &a, &b, &c, &s);
         }
         let mut s = small_n_args(p, route);
         let (rows, cols) = (s.m as usize, s.n as usize);
