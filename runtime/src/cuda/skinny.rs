@@ -2,9 +2,9 @@
 //! instead of cuBLAS (notes/CUDA.md, "Skinny f32 products").
 //!
 //! A LoRA step's adapter products are f32 (PEFT's fp32 adapters; x is cast to f32), so they
-//! run as true f32 FMAs, not TF32. cuBLAS's f32 kernels spend 3–8× the time it takes to read
-//! the big operand once on them. Three shapes occur, and each gets a kernel that streams
-//! its big side through memory once:
+//! run as true f32 FMAs, not TF32. cuBLAS's f32 kernels spend 2–3× the time it takes to read
+//! the big operand once on them (H200). Three shapes occur, and each gets a kernel that
+//! streams its big side through memory once:
 //!
 //! * small n (`x·Aᵀ`, `g·B`, and the weight gradient `gᵀ·h`): C[m, n≤64] read from a big
 //!   A[m, k]; the k-range is split across blocks when the rows alone do not fill the GPU,
@@ -44,8 +44,8 @@ const K_TILE: usize = 32;
 /// A split sums at least this many k, so that its partial product (written and read back
 /// once) stays small beside the slice of the big operand it reads.
 const MIN_SPLIT_K: usize = 4 * K_TILE;
-/// Blocks a split product aims for where the occupancy was not measured (an H200 holds
-/// five small-n blocks on each of its 132 multiprocessors).
+/// Blocks a split product aims for where the occupancy was not measured (a guess: four
+/// blocks on each of an H200's 132 multiprocessors).
 const DEFAULT_RESIDENT: usize = 4 * 132;
 /// The small-k tile of C (`OK_BM` × `OK_BN`, 128 threads).
 const OUTER_TILE: usize = 64;
@@ -151,11 +151,11 @@ pub(crate) fn load(
     Ok(())
 }
 
-/// Blocks of `kernel` (in `variant`) the GPU holds at once; an estimate where unmeasured.
-fn resident(kernel: &'static str, variant: usize) -> usize {
+/// Blocks of `kernel` run with `stages` the GPU holds at once; a guess where unmeasured.
+fn resident(kernel: &'static str, stages: usize) -> usize {
     RESIDENT
         .get()
-        .and_then(|r| r.get(&(kernel, variant)).copied())
+        .and_then(|r| r.get(&(kernel, stages)).copied())
         .unwrap_or(DEFAULT_RESIDENT)
 }
 
