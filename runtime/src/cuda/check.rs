@@ -851,7 +851,14 @@ pub fn op_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
         }
     }
     rows.extend(super::check_large::large_checks(gpu, seed));
+    rows.extend(skinny_cases(gpu, seed));
     rows
+}
+
+/// The skinny f32 products (skinny.cu): every layout against the CPU, and the 8B LoRA
+/// products against cuBLAS, timed (check_skinny.rs).
+fn skinny_cases(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
+    super::check_skinny::skinny_checks(gpu, seed)
 }
 
 /// Uploads every weight of `weights` to the GPU.

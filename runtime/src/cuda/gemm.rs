@@ -5,6 +5,10 @@
 //!
 //! Row-major operands are read as their column-major transposes: `c = op(a)·op(b)` is
 //! computed as `cᵀ = op(b)ᵀ·op(a)ᵀ`.
+//!
+//! f32 products with a side of at most a LoRA rank (`skinny::SMALL`) run on skinny.cu's
+//! kernels instead, also as true f32 (`skinny.rs` says why and how).
+use super::skinny::{self, Route, Tuning};
 use super::{cuda_err, CudaBackend};
 use crate::backend::KernelError;
 use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
@@ -47,6 +51,16 @@ impl Elem {
     }
 }
 
+/// Which implementation runs a product: `Auto` picks; the others are for the timing checks,
+/// which compare both on the same operands.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Engine {
+    Auto,
+    Cublas,
+    /// skinny.cu where it applies (cuBLAS otherwise), with the small-n kernels' knobs.
+    Skinny(Tuning),
+}
+
 impl CudaBackend {
     /// Runs the product; `ab` is the operands' element type, `ce` the result's. The caller
     /// has handled empty extents (`k == 0` leaves `c` for it to zero).
@@ -61,6 +75,32 @@ impl CudaBackend {
         ce: Elem,
         c: &mut CudaSlice<U>,
     ) -> Result<(), KernelError> {
+        self.gemm_with(Engine::Auto, name, p, ab, a, b, ce, c)
+    }
+
+    /// `gemm` on the engine `engine` names.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_with<T, U>(
+        &self,
+        engine: Engine,
+        name: &'static str,
+        p: &Product,
+        ab: Elem,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        ce: Elem,
+        c: &mut CudaSlice<U>,
+    ) -> Result<(), KernelError> {
+        let skinny = match (ab, ce, engine) {
+            (Elem::F32, Elem::F32, Engine::Auto) => {
+                skinny::route(p).map(|r| (r, Tuning::default()))
+            }
+            (Elem::F32, Elem::F32, Engine::Skinny(t)) => skinny::route(p).map(|r| (r, t)),
+            _ => None,
+        };
+        if let Some((route, tuning)) = skinny {
+            return self.skinny_product(name, p, route, tuning, a, b, c);
+        }
         let op = |t: bool| {
             if t {
                 cublasOperation_t::CUBLAS_OP_T
@@ -135,5 +175,24 @@ impl CudaBackend {
             }
         };
         r.map_err(|e| cuda_err(name, "cuBLAS GemmEx", e))
+    }
+
+    /// An f32 product on skinny.cu (the buffers are f32: `gemm_with` checked the element
+    /// types).
+    #[allow(clippy::too_many_arguments)]
+    fn skinny_product<T, U>(
+        &self,
+        name: &'static str,
+        p: &Product,
+        route: Route,
+        tuning: Tuning,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        c: &mut CudaSlice<U>,
+    ) -> Result<(), KernelError> {
+        let (pa, _ra) = a.device_ptr(&self.stream);
+        let (pb, _rb) = b.device_ptr(&self.stream);
+        let (pc, _rc) = c.device_ptr_mut(&self.stream);
+        self.skinny_gemm(name, p, route, pa, pb, pc, tuning)
     }
 }

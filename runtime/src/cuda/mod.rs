@@ -15,6 +15,7 @@ pub mod adam;
 mod alloc;
 pub mod check;
 mod check_large;
+pub mod check_skinny;
 mod dispatch;
 mod flash;
 mod fused;
@@ -22,6 +23,7 @@ mod gemm;
 mod launch;
 pub mod model;
 mod nvrtc_cache;
+pub mod skinny;
 
 use crate::backend::{Backend, InPlace, KernelError};
 use crate::tensor::{Data, HostTensor};
@@ -307,8 +309,9 @@ impl CudaBackend {
                 .compute_capability()
                 .map_err(|e| cuda_err("cuda", "compute capability", e))?;
             let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
-            let (f32_ptx, bf16_ptx, flash) = std::thread::scope(|sc| {
+            let (f32_ptx, bf16_ptx, flash, skinny_ptx) = std::thread::scope(|sc| {
                 let b = sc.spawn(|| compile_kernels(arch, Float::BF16));
+                let sk = sc.spawn(|| skinny::compile_skinny_kernels(arch));
                 let fl = sc.spawn(|| flash::Flash::new(&ctx, arch));
                 let f = compile_kernels(arch, Float::F32);
                 let b = b.join().unwrap_or_else(|_| {
@@ -326,7 +329,13 @@ impl CudaBackend {
                     }
                     Err(_) => None,
                 };
-                (f, b, fl)
+                let sk = sk.join().unwrap_or_else(|_| {
+                    Err(KernelError::new(
+                        "nvrtc",
+                        "the skinny.cu compile thread panicked",
+                    ))
+                });
+                (f, b, fl, sk)
             });
             let mut funcs = HashMap::new();
             for (float, ptx, only) in [
@@ -347,6 +356,7 @@ impl CudaBackend {
                     funcs.insert(name, f);
                 }
             }
+            skinny::load(&ctx, skinny_ptx?, &mut funcs)?;
             let stream = ctx.default_stream();
             let blas = CudaBlas::new(stream.clone()).map_err(|e| cuda_err("cublas", "init", e))?;
             let pool = Arc::new(Pool::new(stream.clone()));

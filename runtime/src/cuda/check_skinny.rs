@@ -1,0 +1,437 @@
+//! Checks of the skinny f32 products (skinny.cu; part of `qplc cuda-check`):
+//!
+//! * every route and layout (small n with either axis of the big operand contiguous, small
+//!   m, small k; transposes, batches, a bias, edge tiles, unaligned rows, split k) against
+//!   the CPU backend through `Backend::execute`, as the op cases are;
+//! * a split product run twice gives the same bits (the splits are added in a fixed order);
+//! * the LoRA products of a Llama-8B step at T = 4096 on both skinny.cu and cuBLAS, the
+//!   two results compared and the times in the row name.
+use super::check::{compare, CheckRow, F32_TOL};
+use super::gemm::{Elem, Engine, Product};
+use super::skinny::Tuning;
+use super::{cuda_err, CudaBackend};
+use crate::adapter_init::Pcg32;
+use crate::backend::{Backend, KernelError};
+use crate::tensor::HostTensor;
+use crate::CpuBackend;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaSlice;
+use qplc_ops::{DType, Op};
+use std::time::Instant;
+
+fn rand(rng: &mut Pcg32, shape: &[usize]) -> HostTensor {
+    let n: usize = shape.iter().product();
+    HostTensor::f32(
+        shape.to_vec(),
+        (0..n).map(|_| rng.uniform(-1.0, 1.0)).collect(),
+    )
+}
+
+fn failed(name: String, why: String) -> CheckRow {
+    CheckRow {
+        name,
+        dtype: DType::F32,
+        rel_err: f64::INFINITY,
+        max_abs: f64::INFINITY,
+        tol: F32_TOL,
+        failure: why,
+    }
+}
+
+/// Runs `op` on both backends and compares.
+fn parity(gpu: &CudaBackend, name: String, op: Op, inputs: &[HostTensor]) -> CheckRow {
+    let refs: Vec<&HostTensor> = inputs.iter().collect();
+    let want = match CpuBackend::new().eval(&op, &refs) {
+        Ok(t) => t,
+        Err(e) => return failed(name, format!("CPU: {e}")),
+    };
+    let got = (|| {
+        let bufs = inputs
+            .iter()
+            .map(|t| gpu.upload(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let brefs: Vec<_> = bufs.iter().collect();
+        let mut out = gpu.alloc(&want.ty)?;
+        gpu.execute(&op, &brefs, &mut out)?;
+        gpu.download(&out)
+    })();
+    match got {
+        Ok(g) => compare(&name, &want, &g, F32_TOL),
+        Err(e) => failed(name, format!("GPU: {e}")),
+    }
+}
+
+const MM: Op = Op::MatMul {
+    ta: false,
+    tb: false,
+};
+const MM_TA: Op = Op::MatMul {
+    ta: true,
+    tb: false,
+};
+const MM_TB: Op = Op::MatMul {
+    ta: false,
+    tb: true,
+};
+
+/// Every route and layout at sizes off the tiles (128 rows, 32 k, 4-float alignment).
+fn layout_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
+    let cases: Vec<(&str, Op, Vec<Vec<usize>>)> = vec![
+        (
+            "small n, x·Aᵀ, edge tiles",
+            Op::Linear,
+            vec![vec![1000, 700], vec![16, 700]],
+        ),
+        (
+            "small n, x·Aᵀ, rows not float4-aligned",
+            Op::Linear,
+            vec![vec![300, 1001], vec![8, 1001]],
+        ),
+        (
+            "small n, x·Aᵀ, k split",
+            Op::Linear,
+            vec![vec![256, 5000], vec![16, 5000]],
+        ),
+        (
+            "small n, x·Aᵀ+bias, n=24",
+            Op::Linear,
+            vec![vec![200, 300], vec![24, 300], vec![24]],
+        ),
+        (
+            "small n, n=40",
+            Op::Linear,
+            vec![vec![130, 520], vec![40, 520]],
+        ),
+        (
+            "small n, n=64",
+            Op::Linear,
+            vec![vec![130, 520], vec![64, 520]],
+        ),
+        (
+            "small n, n=1",
+            Op::Linear,
+            vec![vec![500, 300], vec![1, 300]],
+        ),
+        ("small n, g·B", MM, vec![vec![500, 2048], vec![2048, 16]]),
+        (
+            "small n, gᵀ·h (B grad)",
+            MM_TA,
+            vec![vec![3000, 520], vec![3000, 16]],
+        ),
+        (
+            "small n, gᵀ·h, odd sizes",
+            MM_TA,
+            vec![vec![777, 333], vec![777, 8]],
+        ),
+        (
+            "small n, ta tb",
+            Op::MatMul { ta: true, tb: true },
+            vec![vec![900, 260], vec![12, 900]],
+        ),
+        (
+            "small m, hᵀ·x (A grad)",
+            MM_TA,
+            vec![vec![3000, 16], vec![3000, 700]],
+        ),
+        ("small m, a·bᵀ", MM_TB, vec![vec![16, 900], vec![1200, 900]]),
+        ("small m, m=1", MM, vec![vec![1, 1500], vec![1500, 300]]),
+        (
+            "small k, h·Bᵀ",
+            Op::Linear,
+            vec![vec![1000, 16], vec![3000, 16]],
+        ),
+        ("small k, dh·A", MM, vec![vec![1000, 16], vec![16, 700]]),
+        ("small k, ta", MM_TA, vec![vec![16, 1000], vec![16, 500]]),
+        (
+            "small k, odd n, k=8",
+            Op::Linear,
+            vec![vec![130, 8], vec![301, 8]],
+        ),
+        (
+            "small k, k=50, bias",
+            Op::Linear,
+            vec![vec![260, 50], vec![190, 50], vec![190]],
+        ),
+        (
+            "batched small n",
+            MM,
+            vec![vec![3, 300, 700], vec![3, 700, 16]],
+        ),
+        (
+            "batched small n, ta",
+            MM_TA,
+            vec![vec![3, 600, 100], vec![3, 600, 16]],
+        ),
+        (
+            "batched small m",
+            MM_TA,
+            vec![vec![2, 700, 8], vec![2, 700, 300]],
+        ),
+        (
+            "batched small k",
+            MM,
+            vec![vec![3, 200, 8], vec![3, 8, 150]],
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(what, op, shapes)| {
+            let inputs: Vec<HostTensor> = shapes.iter().map(|s| rand(rng, s)).collect();
+            let dims: Vec<String> = shapes.iter().map(|s| format!("{s:?}")).collect();
+            parity(
+                gpu,
+                format!("skinny {what} {}", dims.join("·")),
+                op,
+                &inputs,
+            )
+        })
+        .collect()
+}
+
+/// A split product twice: bit-identical results.
+fn deterministic(gpu: &CudaBackend, rng: &mut Pcg32) -> Result<CheckRow, KernelError> {
+    let (x, a) = (rand(rng, &[256, 5000]), rand(rng, &[16, 5000]));
+    let (xg, ag) = (gpu.upload(&x)?, gpu.upload(&a)?);
+    let ty = qplc_ops::TensorType::new([256, 16], DType::F32);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        let mut out = gpu.alloc(&ty)?;
+        gpu.execute(&Op::Linear, &[&xg, &ag], &mut out)?;
+        runs.push(gpu.download(&out)?);
+    }
+    Ok(compare(
+        "skinny split-k product, two runs bit-identical",
+        &runs[0],
+        &runs[1],
+        0.0,
+    ))
+}
+
+fn product(ta: bool, tb: bool, m: usize, k: usize, n: usize) -> Product {
+    Product {
+        ta,
+        tb,
+        m,
+        k,
+        n,
+        lda: if ta { m } else { k },
+        ldb: if tb { k } else { n },
+        batch: 1,
+        stride_a: m * k,
+        stride_b: k * n,
+    }
+}
+
+/// Elements of the fill that keeps the GPU busy (8 GB, about 2 ms) while the host queues
+/// the timed runs.
+const BUSY: usize = 1 << 31;
+
+/// Mean seconds of 20 runs on the GPU (CUDA events) and of the host's queueing of one.
+/// A long fill is queued first so that the GPU never waits for the host between runs:
+/// the events then time the kernels, not the launch overhead.
+fn time(
+    gpu: &CudaBackend,
+    engine: Engine,
+    p: &Product,
+    a: &CudaSlice<f32>,
+    b: &CudaSlice<f32>,
+    c: &mut CudaSlice<f32>,
+) -> Result<(f64, f64), KernelError> {
+    let reps = 20;
+    let event = |what| {
+        gpu.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("skinny check", what, e))
+    };
+    gpu.gemm_with(engine, "skinny check", p, Elem::F32, a, b, Elem::F32, c)?;
+    let mut busy = gpu.scratch::<f32>(BUSY)?;
+    gpu.fill_f32(&mut busy, BUSY, 0.0)?;
+    let start = event("start event")?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        gpu.gemm_with(engine, "skinny check", p, Elem::F32, a, b, Elem::F32, c)?;
+    }
+    let host = t.elapsed().as_secs_f64() / reps as f64;
+    let end = event("end event")?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(|e| cuda_err("skinny check", "event time", e))?;
+    Ok((ms as f64 * 1e-3 / reps as f64, host))
+}
+
+/// One Llama-8B LoRA product on both engines: compared, and timed in the row name (with
+/// other split targets for the split products, to show the choice).
+fn lora_8b(
+    gpu: &CudaBackend,
+    what: &str,
+    p: &Product,
+    big: &HostTensor,
+    small: &HostTensor,
+) -> Result<CheckRow, KernelError> {
+    let (a_len, b_len) = (p.m * p.k, p.k * p.n);
+    let take = |t: &HostTensor, n: usize, shape: &[usize]| {
+        HostTensor::f32(shape.to_vec(), t.as_f32()[..n].to_vec())
+    };
+    // The bigger of a and b comes from `big`; shapes only matter for the element counts.
+    let (ha, hb) = if a_len >= b_len {
+        (take(big, a_len, &[a_len]), take(small, b_len, &[b_len]))
+    } else {
+        (take(small, a_len, &[a_len]), take(big, b_len, &[b_len]))
+    };
+    let (ag, bg) = (gpu.upload(&ha)?, gpu.upload(&hb)?);
+    let ty = qplc_ops::TensorType::new([p.m, p.n], DType::F32);
+    let (mut want, mut got) = (gpu.alloc(&ty)?, gpu.alloc(&ty)?);
+    let (a, b) = (ag.f32("skinny check")?, bg.f32("skinny check")?);
+    let (cublas, cublas_host) = time(gpu, Engine::Cublas, p, a, b, want.f32_mut("skinny check")?)?;
+    // Other knobs of the small-n kernels, to show the defaults' choice.
+    let mut alt = String::new();
+    if p.k > 1024 {
+        let variants = [
+            (
+                "2 stages",
+                Tuning {
+                    blocks: None,
+                    stages: Some(2),
+                },
+            ),
+            (
+                "4 stages",
+                Tuning {
+                    blocks: None,
+                    stages: Some(4),
+                },
+            ),
+            (
+                "1320 blocks",
+                Tuning {
+                    blocks: Some(1320),
+                    stages: None,
+                },
+            ),
+        ];
+        for (what, tuning) in variants {
+            let mut scratch = gpu.alloc(&ty)?;
+            let (s, _) = time(
+                gpu,
+                Engine::Skinny(tuning),
+                p,
+                a,
+                b,
+                scratch.f32_mut("skinny check")?,
+            )?;
+            alt.push_str(&format!(", {what} {:.1}", s * 1e6));
+        }
+    }
+    let (ours, host) = time(
+        gpu,
+        Engine::Skinny(Tuning::default()),
+        p,
+        a,
+        b,
+        got.f32_mut("skinny check")?,
+    )?;
+    let name = format!(
+        "skinny 8B {what}: {:.1} µs, cuBLAS {:.1} µs ({:.1}×{alt}; host {:.0}/{:.0} µs)",
+        ours * 1e6,
+        cublas * 1e6,
+        cublas / ours,
+        host * 1e6,
+        cublas_host * 1e6
+    );
+    Ok(compare(
+        &name,
+        &gpu.download(&want)?,
+        &gpu.download(&got)?,
+        F32_TOL,
+    ))
+}
+
+/// The memory floor to read the products' times against: a device-to-device copy of the
+/// biggest operand (f32 [4096, 14336], 235 MB read and 235 MB written), timed like them.
+fn copy_bandwidth(gpu: &CudaBackend) -> Result<CheckRow, KernelError> {
+    let n = 4096 * 14336;
+    let src = gpu.scratch::<f32>(n)?;
+    let mut dst = gpu.scratch::<f32>(n)?;
+    let reps = 10;
+    let mut busy = gpu.scratch::<f32>(BUSY)?;
+    gpu.fill_f32(&mut busy, BUSY, 0.0)?;
+    let event = || {
+        gpu.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("skinny check", "event", e))
+    };
+    let start = event()?;
+    for _ in 0..reps {
+        gpu.stream
+            .memcpy_dtod(&*src, &mut *dst)
+            .map_err(|e| cuda_err("skinny check", "device copy", e))?;
+    }
+    let end = event()?;
+    let s = start
+        .elapsed_ms(&end)
+        .map_err(|e| cuda_err("skinny check", "event time", e))? as f64
+        * 1e-3
+        / reps as f64;
+    let mut row = failed(
+        format!(
+            "skinny floor: device copy f32 [4096,14336] {:.1} µs, {:.2} TB/s read+write",
+            s * 1e6,
+            2.0 * (n * 4) as f64 / s / 1e12
+        ),
+        String::new(),
+    );
+    (row.rel_err, row.max_abs) = (0.0, 0.0);
+    Ok(row)
+}
+
+/// The adapter products of one Llama-8B LoRA step (T = 4096, rank 16).
+fn lora_8b_products(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
+    let (t, h, f, kv, r) = (4096usize, 4096usize, 14336usize, 1024usize, 16usize);
+    let big = rand(rng, &[t * f]);
+    let small = rand(rng, &[f * r]);
+    let shapes: Vec<(&str, Product)> = vec![
+        ("x·Aᵀ [4096,4096]·[16,4096]ᵀ", product(false, true, t, h, r)),
+        (
+            "x·Aᵀ [4096,14336]·[16,14336]ᵀ",
+            product(false, true, t, f, r),
+        ),
+        ("g·B [4096,4096]·[4096,16]", product(false, false, t, h, r)),
+        (
+            "g·B [4096,14336]·[14336,16]",
+            product(false, false, t, f, r),
+        ),
+        ("A grad hᵀ·x → [16,4096]", product(true, false, r, t, h)),
+        ("A grad hᵀ·x → [16,14336]", product(true, false, r, t, f)),
+        ("B grad gᵀ·h → [1024,16]", product(true, false, kv, t, r)),
+        ("B grad gᵀ·h → [4096,16]", product(true, false, h, t, r)),
+        ("B grad gᵀ·h → [14336,16]", product(true, false, f, t, r)),
+        ("h·Bᵀ → [4096,4096]", product(false, true, t, r, h)),
+        ("h·Bᵀ → [4096,14336]", product(false, true, t, r, f)),
+        ("dh·A → [4096,4096]", product(false, false, t, r, h)),
+    ];
+    let rows = shapes
+        .into_iter()
+        .map(|(what, p)| {
+            lora_8b(gpu, what, &p, &big, &small)
+                .unwrap_or_else(|e| failed(format!("skinny 8B {what}"), e.to_string()))
+        })
+        .collect();
+    gpu.trim_cache();
+    rows
+}
+
+/// All skinny-product checks (see the module comment).
+pub fn skinny_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
+    let mut rng = Pcg32::new(seed, 31);
+    let mut rows = layout_cases(gpu, &mut rng);
+    rows.push(
+        deterministic(gpu, &mut rng)
+            .unwrap_or_else(|e| failed("skinny split-k determinism".into(), e.to_string())),
+    );
+    rows.push(
+        copy_bandwidth(gpu)
+            .unwrap_or_else(|e| failed("skinny floor: device copy".into(), e.to_string())),
+    );
+    rows.extend(lora_8b_products(gpu, &mut rng));
+    rows
+}
