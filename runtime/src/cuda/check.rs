@@ -935,16 +935,19 @@ pub fn lora_step_check(
     );
     let cfg = LoadedConfig::from_str(&dir.join("cuda-check.toml"), &text)?;
     let model = ModelDir::open(&dir, None)?;
-    let built = model.build(seq_len, dtype)?;
-    let vocab = built.info.vocab_size;
-    let mut passes = PassManager::new();
-    passes
-        .add(LoraPass::from_config(&cfg)?)
-        .add(LossPass)
-        .add(AutodiffPass);
-    let mut cx = PassContext::new(seq_len, 1, &cfg.partition_method());
-    cx.num_layers = Some(built.info.num_layers);
-    let graph = passes.run(built.graph, &mut cx)?.graph;
+    let training_graph = |dtype: DType| -> Result<(qplc_compiler::Graph, usize)> {
+        let built = model.build(seq_len, dtype)?;
+        let vocab = built.info.vocab_size;
+        let mut passes = PassManager::new();
+        passes
+            .add(LoraPass::from_config(&cfg)?)
+            .add(LossPass)
+            .add(AutodiffPass);
+        let mut cx = PassContext::new(seq_len, 1, &cfg.partition_method());
+        cx.num_layers = Some(built.info.num_layers);
+        Ok((passes.run(built.graph, &mut cx)?.graph, vocab))
+    };
+    let (graph, vocab) = training_graph(dtype)?;
 
     let mut g = Gen(Pcg32::new(seed, 13));
     let ckpt = Checkpoint::open(&dir)?;
@@ -991,6 +994,27 @@ pub fn lora_step_check(
     let prog = Program::new(&graph, &out_refs)?;
     let cpu = CpuBackend::new();
     let want = prog.run(&cpu, &|n| weights.get(n), &|n| inputs.get(n))?;
+    // In bf16 the CPU's own result is only defined up to bf16 rounding: the same step in
+    // f32 (same weight values) measures that, per gradient tensor, for the worst-tensor row.
+    let noise: HashMap<String, f64> = if dtype == DType::F32 {
+        HashMap::new()
+    } else {
+        let (g32, _) = training_graph(DType::F32)?;
+        let w32: HashMap<String, HostTensor> = weights
+            .iter()
+            .map(|(n, t)| (n.clone(), t.cast(DType::F32)))
+            .collect();
+        let exact =
+            Program::new(&g32, &out_refs)?.run(&cpu, &|n| w32.get(n), &|n| inputs.get(n))?;
+        outputs
+            .iter()
+            .skip(1)
+            .map(|n| {
+                let r = compare(n, &exact.outputs[n], &want.outputs[n].cast(DType::F32), 0.0);
+                (n.clone(), r.rel_err)
+            })
+            .collect()
+    };
     let gw = upload_all(gpu, &weights)?;
     let got = prog.run(gpu, &|n| gw.get(n), &|n| inputs.get(n))?;
     // A second identical step: the caching allocator must serve it without one device
@@ -1032,7 +1056,15 @@ pub fn lora_step_check(
     let mut worst: Option<CheckRow> = None;
     for name in outputs.iter().skip(1) {
         let (w, gg) = (&want.outputs[name], &got.outputs[name]);
-        let r = compare(name, w, gg, tol);
+        // A tensor whose bf16 value the CPU itself gets only to within `noise` of the f32
+        // result cannot be asked to agree more closely than that.
+        let own = noise.get(name).copied().unwrap_or(0.0);
+        let r = compare(
+            &format!("{name} (cpu bf16 vs f32 {own:.1e})"),
+            w,
+            gg,
+            tol.max(2.0 * own),
+        );
         if worst
             .as_ref()
             .is_none_or(|b| r.rel_err > b.rel_err || !r.ok())
