@@ -18,8 +18,13 @@ export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 date -u
 (timeout 120 ./qplc cuda-check --model llama-gqa 2>&1 | tail -12) | tee $OUT/check.txt
-for a in "llama-1b lora" "llama-8b lora" "llama-1b full"; do
+# --gc: per-layer checkpointing (what PEFT's gradient_checkpointing does); --gc-auto: the
+# selective (min-cut) policy; QPLC_BENCH_NO_FUSE=1: the same step without elementwise fusion.
+for a in "llama-1b lora --gc" "llama-8b lora --gc" "llama-1b full --gc" "llama-1b lora --gc-auto" \
+         "llama-8b lora --gc-auto" "llama-1b full --gc-auto"; do
   set -- $a
-  timeout 170 ./qplc bench --shape $1 --mode $2 --seq 4096 --gc --steps 5 --warmup 2 --json 2>&1 | tail -4 | tee -a $OUT/qplc.txt
+  timeout 170 ./qplc bench --shape $1 --mode $2 --seq 4096 $3 --steps 5 --warmup 2 2>&1 | tail -5 | tee -a $OUT/qplc.txt
 done
+QPLC_BENCH_NO_FUSE=1 timeout 170 ./qplc bench --shape llama-8b --mode lora --seq 4096 --gc --steps 5 --warmup 2 2>&1 \
+  | tail -5 | sed 's/^bench /bench (no fusion) /' | tee -a $OUT/qplc.txt
 timeout 280 python3 peft_baseline.py llama-1b:lora:4096:gc llama-8b:lora:4096:gc llama-1b:full:4096:gc 2>&1 | grep -v Warning | tee $OUT/peft.txt
