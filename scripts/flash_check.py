@@ -65,7 +65,7 @@ def flash_fwd(q, k, v, scale, window, cap, lse=None, out=None):
     o = out if out is not None else torch.full_like(q, float("nan"))
     br = 16 * NW
     smem = (br + 4 * BC) * (D + 8) * 2
-    launch(f"flash_fwd_d{D}", (math.ceil(T / br), nh), 32 * NW, smem,
+    launch(f"flash_fwd_d{D}", (math.ceil(T / br) * nh,), 32 * NW, smem,
            (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + common(T, nh, nkv, d, scale, window, cap))
     return o
 
@@ -81,28 +81,43 @@ def bwd_prep(q, k, v, g, scale, window, cap):
     return lse, delta
 
 
-def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap):
+def dkdv_splits(T, nh, nkv, d):
+    """How many CTAs share one key block's GQA group in the dK/dV kernel, as flash.rs
+    `dkdv_splits`: the whole group (most, shortest CTAs) where it has more than one head."""
+    return nh // nkv
+
+
+def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None, part=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     D, _, BC, NW, BQ = tiles(d)
-    args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
-        T, nh, nkv, d, scale, window, cap)
     b = 16 * NW
     if which == "dq":
-        launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b), nh), 32 * NW,
+        args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
+            T, nh, nkv, d, scale, window, cap)
+        launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b) * nh,), 32 * NW,
                (2 * b + 4 * BC) * (D + 8) * 2, args)
-    else:
-        launch(f"flash_bwd_dkdv_d{D}", (math.ceil(T / b), nkv), 32 * NW,
-               (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+        return
+    nsplit = nsplit or dkdv_splits(T, nh, nkv, d)
+    if nsplit > 1 and part is None:
+        part = torch.empty(nsplit, T, 2 * nkv * d, dtype=torch.float32, device=q.device)
+    args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
+            np.int32(nsplit)) + common(T, nh, nkv, d, scale, window, cap)
+    launch(f"flash_bwd_dkdv_d{D}", (math.ceil(T / b) * nkv * nsplit,), 32 * NW,
+           (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+    if nsplit > 1:
+        launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
+               (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
+                np.int32(nsplit), np.float32(scale)))
 
 
-def flash_bwd(q, k, v, g, scale, window, cap):
+def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     lse, delta = bwd_prep(q, k, v, g, scale, window, cap)
     dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
-    for which in ("dq", "dkdv"):
-        bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap)
+    bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap)
+    bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=nsplit)
     return dqkv
 
 
@@ -143,17 +158,23 @@ def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0):
     g = torch.randn(T, nh, d, generator=gen, device="cuda").bfloat16()
     scale = 1.0 / math.sqrt(d)
     o = flash_fwd(q, k, v, scale, window, cap)
-    dqkv = flash_bwd(q, k, v, g, scale, window, cap)
-    again = flash_bwd(q, k, v, g, scale, window, cap)
-    torch.cuda.synchronize()
     ro, rq, rk, rv = reference(q, k, v, g, scale, window, cap)
-    errs = [rel(o, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
-            rel(dqkv[:, nh + nkv:], rv)]
-    det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
-    ok = max(errs) <= TOL and det
-    print(f"{'ok  ' if ok else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
-          f"softcap={cap} amp={amp}: out {errs[0]:.2e} dq {errs[1]:.2e} "
-          f"dk {errs[2]:.2e} dv {errs[3]:.2e} deterministic={det}", flush=True)
+    ok = True
+    # Every way of splitting the group (1 = dK/dV straight from registers, else through the
+    # reduce kernel), each run twice: bitwise equal runs.
+    group = nh // nkv
+    for nsplit in [s for s in range(1, group + 1) if group % s == 0]:
+        dqkv = flash_bwd(q, k, v, g, scale, window, cap, nsplit=nsplit)
+        again = flash_bwd(q, k, v, g, scale, window, cap, nsplit=nsplit)
+        torch.cuda.synchronize()
+        errs = [rel(o, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
+                rel(dqkv[:, nh + nkv:], rv)]
+        det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
+        good = max(errs) <= TOL and det
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
+              f"softcap={cap} amp={amp} nsplit={nsplit}: out {errs[0]:.2e} dq {errs[1]:.2e} "
+              f"dk {errs[2]:.2e} dv {errs[3]:.2e} deterministic={det}", flush=True)
     del ro, rq, rk, rv
     torch.cuda.empty_cache()
     return ok
@@ -183,11 +204,19 @@ def bench(T, nh, nkv, d, window=None):
     lse, delta = bwd_prep(q, k, v, g, scale, window, None)
     dqkv = torch.empty(T, nh + 2 * nkv, d, dtype=q.dtype, device=q.device)
     t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None))
-    t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None))
+    group = nh // nkv
+    kv = []
+    for nsplit in [s for s in range(1, group + 1) if group % s == 0]:
+        part = torch.empty(nsplit, T, 2 * nkv * d, dtype=torch.float32, device=q.device)
+        t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
+                                     nsplit=nsplit, part=part))
+        mark = "*" if nsplit == dkdv_splits(T, nh, nkv, d) else ""
+        kv.append(f"{mark}{nsplit}: {t*1e3:.3f}")
     # flash_bwd includes its forward recomputation (lse), as the op must: report both.
     line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window}: "
             f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
-            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; dq {t_dq*1e3:.3f} ms, dkdv {t_kv*1e3:.3f} ms)")
+            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; "
+            f"dq {t_dq*1e3:.3f} ms, dkdv+reduce by nsplit ({', '.join(kv)}) ms; * = default)")
     if window is None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         group = nh // nkv
@@ -233,6 +262,7 @@ def main():
         for d in (64, 128):
             bench(4096, 32, 8, d)
         bench(4096, 32, 8, 128, window=1024)
+        bench(1024, 32, 8, 128)
     print("ALL OK" if ok else "FAILURES", flush=True)
     sys.exit(0 if ok else 1)
 

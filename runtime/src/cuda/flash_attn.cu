@@ -196,9 +196,11 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
     u16* sV = sK + 2 * BC * LD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    // Longest (last) query blocks first: causal work grows with the block index.
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const int h = blockIdx.y, kh = h / (nh / nkv);
+    // Longest (last) query blocks of every head first: causal work grows with the block index,
+    // and the hardware hands out CTAs in blockIdx order, so a per-head order (head in y) would
+    // start the last head's longest blocks last and leave a tail of them running alone.
+    const int nqb = (T + BR - 1) / BR, h = blockIdx.x % nh, kh = h / (nh / nkv);
+    const int q0 = (nqb - 1 - blockIdx.x / nh) * BR;
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
     const u16* qh = q + (long long)h * d;
     const u16* kp = k + (long long)kh * d;
@@ -367,8 +369,8 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
     u16* sV = sK + 2 * BC * LD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int nqb = (T + BR - 1) / BR, h = blockIdx.x % nh, kh = h / (nh / nkv);
+    const int q0 = (nqb - 1 - blockIdx.x / nh) * BR;  // longest first, as the forward
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
     const u16* kp = k + (long long)kh * d;
     const u16* vp = v + (long long)kh * d;
@@ -447,17 +449,23 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
 }
 
 // ---------------------------------------------------------------------------------------------
-// dK, dV: one CTA per (key block of 16·NW keys, KV head); each warp owns 16 keys and keeps their
-// dK and dV (16 x D each, f32) in registers over every query head of the group and every query
-// tile of BQ rows that can see the block (causal: from the block on; window: up to w past it).
+// dK, dV: one CTA per (key block of 16·NW keys, KV head, split of the GQA group); each warp owns
+// 16 keys and keeps their dK and dV (16 x D each, f32) in registers over the split's query heads
+// (group / nsplit of them) and every query tile of BQ rows that can see the block (causal: from
+// the block on; window: up to w past it).
 // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ = exp2(Sᵀ₂ − lse), dV += Pᵀ·dO, dSᵀ = Pᵀ∘(dPᵀ − delta)∘cap',
 // dK += dSᵀ·Q; dK·scale at the end.
+// nsplit == 1: dK, dV go to dqkv directly. nsplit > 1 (more, shorter CTAs: a causal key block 0
+// otherwise runs group times longer than the average CTA, which at few CTAs per SM is the
+// kernel's length): unscaled f32 partials go to part[split][key][2·nkv·d] (dK heads, then dV
+// heads), and flash_bwd_dkdv_reduce sums the splits in index order — deterministic.
 template <int D, int NW, int BQ>
 __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k,
                                                const u16* __restrict__ v, const u16* __restrict__ go,
                                                const float* __restrict__ lse, const float* __restrict__ delta,
-                                               u16* __restrict__ dqkv, int T, int nh, int nkv, int d, float scale,
-                                               int window, float cap) {
+                                               u16* __restrict__ dqkv, float* __restrict__ part, int nsplit,
+                                               int T, int nh, int nkv, int d, float scale, int window,
+                                               float cap) {
     constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BQ / 8, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
@@ -468,18 +476,20 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
     float* sD = sL + 2 * BQ;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    const int k0 = blockIdx.x * BK;  // block 0 sees the most queries: it starts first
-    const int kh = blockIdx.y, group = nh / nkv;
+    // Key block 0 sees the most queries: block-major order starts every head's first block first.
+    const int per_block = nkv * nsplit, split = blockIdx.x % nsplit;
+    const int k0 = (blockIdx.x / per_block) * BK, kh = (blockIdx.x % per_block) / nsplit;
+    const int group = nh / nkv, heads = group / nsplit, h0 = kh * group + split * heads;
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
     const int qend = window > 0 ? min(T, k0 + BK - 1 + window) : T;
-    const int qt0 = k0 / BQ, nq = (qend + BQ - 1) / BQ - qt0, total = group * nq;
+    const int qt0 = k0 / BQ, nq = (qend + BQ - 1) / BQ - qt0, total = heads * nq;
 
     load_tile<BK, D, LD, NT>(sK, k + (long long)kh * d, k0, T, ks, d, tid);
     load_tile<BK, D, LD, NT>(sV, v + (long long)kh * d, k0, T, ks, d, tid);
     // Query tile `it` (head-major over the group) into buffer `b`, statistics included: all
     // asynchronous (a plain load here would stall every iteration on global latency).
     auto load_q = [&](int it, int b) {
-        const int h = kh * group + it / nq, i0 = (qt0 + it % nq) * BQ;
+        const int h = h0 + it / nq, i0 = (qt0 + it % nq) * BQ;
         load_tile<BQ, D, LD, NT>(sQ + b * BQ * LD, q + (long long)h * d, i0, T, qs, d, tid);
         load_tile<BQ, D, LD, NT>(sG + b * BQ * LD, go + (long long)h * d, i0, T, qs, d, tid);
         for (int r = tid; r < BQ; r += NT) {
@@ -569,6 +579,23 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
         __syncthreads();
     }
 
+    if (nsplit > 1) {
+        const long long ps = 2LL * nkv * d;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (keys[i] >= T) continue;
+            float* prow = part + ((long long)split * T + keys[i]) * ps + (long long)kh * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d) {
+                    *(float2*)(prow + col) = make_float2(dk[no][2 * i], dk[no][2 * i + 1]);
+                    *(float2*)(prow + (long long)nkv * d + col) = make_float2(dv[no][2 * i], dv[no][2 * i + 1]);
+                }
+            }
+        }
+        return;
+    }
     const long long os = (long long)(nh + 2 * nkv) * d;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -586,23 +613,54 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
     }
 }
 
+// dK, dV of flash_bwd_dkdv's partials: 4 elements per thread of [T, 2·nkv·d], the splits summed in
+// index order, dK scaled after the sum (as the unsplit kernel scales its register sum).
+extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part, u16* __restrict__ dqkv,
+                                                 int T, int nh, int nkv, int d, int nsplit, float scale) {
+    const long long ps = 2LL * nkv * d, n = (long long)T * ps;
+    const long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (e >= n) return;
+    float4 sum = *(const float4*)(part + e);
+    for (int s = 1; s < nsplit; ++s) {
+        const float4 x = *(const float4*)(part + (long long)s * n + e);
+        sum.x += x.x;
+        sum.y += x.y;
+        sum.z += x.z;
+        sum.w += x.w;
+    }
+    const long long row = e / ps, within = e % ps;
+    const float f = within < (long long)nkv * d ? scale : 1.0f;
+    // d % 8 == 0: the 4 elements are in one head row, 8-byte aligned in dqkv.
+    *(uint2*)(dqkv + row * (nh + 2LL * nkv) * d + (long long)nh * d + within) =
+        make_uint2(pack_bf16(sum.x * f, sum.y * f), pack_bf16(sum.z * f, sum.w * f));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (tile width D, warps NW, inner tile BC or BQ). The host (flash.rs
 // `Tiles`, scripts/flash_check.py `tiles`) derives grid and shared memory from the same numbers:
-//   fwd:  grid (ceil(T / 16NW), nh),  block 32NW, smem (16NW + 4BC)·(D+8)·2
-//   dq:   grid (ceil(T / 16NW), nh),  block 32NW, smem (32NW + 4BC)·(D+8)·2
-//   dkdv: grid (ceil(T / 16NW), nkv), block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+//   fwd:    grid ceil(T / 16NW)·nh,          block 32NW, smem (16NW + 4BC)·(D+8)·2
+//   dq:     grid ceil(T / 16NW)·nh,          block 32NW, smem (32NW + 4BC)·(D+8)·2
+//   dkdv:   grid ceil(T / 16NW)·nkv·nsplit,  block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+//   reduce: grid ceil(T·2nkv·d / 4 / 256),   block 256 (only where nsplit > 1)
 #define FWD(name, D, NW, BC)                                                                                   \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, u16* o, float* lse, int T, int nh, int nkv, int d,          \
         float scale, int window, float cap) {                                                                  \
         flash_fwd<D, NW, BC>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                              \
     }
-#define BWD(name, fn, D, NW, B)                                                                                \
+#define DQ(name, D, NW, BC)                                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, int T, int nh, int nkv, int d, float scale, int window, float cap) {                        \
-        fn<D, NW, B>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);                        \
+        flash_bwd_dq<D, NW, BC>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);             \
+    }
+#define DKDV(name, D, NW, BQ, MINB)                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) name(                                                \
+        const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
+        u16* dqkv, float* part, int nsplit, int T, int nh, int nkv, int d, float scale, int window,            \
+        float cap) {                                                                                           \
+        flash_bwd_dkdv<D, NW, BQ>(q, k, v, go, lse, delta, dqkv, part, nsplit, T, nh, nkv, d, scale, window,   \
+                                  cap);                                                                        \
     }
 
 // Measured on an H200 (notes/CUDA.md): 8 warps pay off in the forward only at D = 128; the
@@ -610,9 +668,9 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
 FWD(flash_fwd_d32, 32, 4, 64)
 FWD(flash_fwd_d64, 64, 4, 64)
 FWD(flash_fwd_d128, 128, 8, 64)
-BWD(flash_bwd_dq_d32, flash_bwd_dq, 32, 4, 64)
-BWD(flash_bwd_dq_d64, flash_bwd_dq, 64, 4, 64)
-BWD(flash_bwd_dq_d128, flash_bwd_dq, 128, 4, 64)
-BWD(flash_bwd_dkdv_d32, flash_bwd_dkdv, 32, 4, 64)
-BWD(flash_bwd_dkdv_d64, flash_bwd_dkdv, 64, 4, 64)
-BWD(flash_bwd_dkdv_d128, flash_bwd_dkdv, 128, 4, 64)
+DQ(flash_bwd_dq_d32, 32, 4, 64)
+DQ(flash_bwd_dq_d64, 64, 4, 64)
+DQ(flash_bwd_dq_d128, 128, 4, 64)
+DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
+DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
+DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
