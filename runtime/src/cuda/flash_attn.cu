@@ -138,6 +138,49 @@ __device__ __forceinline__ void mma_rn(float (*acc)[4], const u32 (*a)[4], const
     }
 }
 
+// As `mma_nt` for RW row groups of 16 (A rows r·16.. at sA): each B fragment is loaded once and
+// used RW times.
+template <int RW, int KS, int NB, int LD>
+__device__ __forceinline__ void mma_nt_rows(float (*acc)[NB][4], const u16* sA, const u16* sB, int lane) {
+    const u32 a_base = smem_u32(sA + (lane & 15) * LD + (lane >> 4) * 8);
+    const u32 b_base = smem_u32(sB + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        u32 a[RW][4];
+#pragma unroll
+        for (int r = 0; r < RW; ++r) ldsm_x4(a[r], a_base + (r * 16 * LD + ks * 16) * 2);
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4(b, b_base + (nb * 8 * LD + ks * 16) * 2);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                mma16816(acc[r][nb], a[r], b[0], b[1]);
+                mma16816(acc[r][nb + 1], a[r], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// As `mma_rn` for RW row groups (A fragments a[r]): each B fragment loaded once, used RW times.
+template <int RW, int KS, int NB, int LD>
+__device__ __forceinline__ void mma_rn_rows(float (*acc)[NB][4], const u32 (*a)[KS][4], const u16* sB, int lane) {
+    const u32 b_base = smem_u32(sB + ((lane & 7) + (((lane >> 3) & 1) << 3)) * LD + (lane >> 4) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4_t(b, b_base + (ks * 16 * LD + nb * 8) * 2);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                mma16816(acc[r][nb], a[r][ks], b[0], b[1]);
+                mma16816(acc[r][nb + 1], a[r][ks], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // Accumulator tiles (16 x 16KS, f32) -> A fragments (bf16).
 template <int KS> __device__ __forceinline__ void to_frags(u32 (*f)[4], const float (*acc)[4]) {
 #pragma unroll
@@ -182,14 +225,17 @@ __device__ __forceinline__ bool hidden(int i, int j, int window) {
 __device__ __forceinline__ int first_key(int q0, int window) { return window > 0 ? max(0, q0 - window + 1) : 0; }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one CTA per (query block of 16·NW rows, head); each warp owns 16 query rows and keeps
-// O (16 x D, f32) in registers while key/value tiles of BC rows stream through shared memory.
+// Forward: one CTA per (query block of 16·RW·NW rows, head); each warp owns RW groups of 16
+// query rows and keeps their O (16 x D each, f32) in registers while key/value tiles of BC rows
+// stream through shared memory. RW = 2 (FlashAttention-2's warp tile) loads each K and V
+// fragment once for two row groups, halving the shared-memory traffic per product, at the
+// price of Q read from shared memory per tile (RW = 1 keeps Q's fragments in registers).
 // Writes lse (log2 units) when `lse` is not null (the backward's recomputation needs it).
-template <int D, int NW, int BC>
+template <int D, int NW, int BC, int RW>
 __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k,
                                           const u16* __restrict__ v, u16* __restrict__ o, float* __restrict__ lse,
                                           int T, int nh, int nkv, int d, float scale, int window, float cap) {
-    constexpr int BR = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
+    constexpr int WR = 16 * RW, BR = WR * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sK = sQ + BR * LD;
@@ -212,18 +258,22 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
     load_tile<BC, D, LD, NT>(sV, vp, kt0 * BC, T, ks, d, tid);
     cp_commit();
 
-    float acc[NO][4];
+    float acc[RW][NO][4];
 #pragma unroll
-    for (int i = 0; i < NO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    const int w0 = q0 + warp * 16;
-    const int rows[2] = {w0 + g, w0 + g + 8};
-    // Q fragments stay in registers for the whole key loop.
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+        for (int i = 0; i < NO; ++i) acc[r][i][0] = acc[r][i][1] = acc[r][i][2] = acc[r][i][3] = 0.0f;
+    float m[RW][2], l[RW][2];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) m[r][0] = m[r][1] = NEG_INF, l[r][0] = l[r][1] = 0.0f;
+    const int w0 = q0 + warp * WR;
+    const u16* sQw = sQ + warp * WR * LD;
     cp_wait<0>();
     __syncthreads();
-    u32 qf[KS][4];
-    {
-        const u32 a_base = smem_u32(sQ + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+    // RW = 1: Q fragments stay in registers for the whole key loop.
+    u32 qf[RW == 1 ? KS : 1][4];
+    if constexpr (RW == 1) {
+        const u32 a_base = smem_u32(sQw + (lane & 15) * LD + (lane >> 4) * 8);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], a_base + ks * 32);
     }
@@ -240,100 +290,105 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
 
         const int k0 = kt * BC;
         // Whole tile hidden from this warp's rows (a CTA's block spans more keys than a warp's).
-        const bool skip = k0 > w0 + 15 || (window > 0 && w0 - (k0 + BC - 1) >= window);
+        const bool skip = k0 > w0 + WR - 1 || (window > 0 && w0 - (k0 + BC - 1) >= window);
         if (!skip) {
-            float s[NB][4];
+            float s[RW][NB][4];
 #pragma unroll
-            for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-            mma_rt<KS, NB, LD>(s, qf, sK + buf * BC * LD, lane);
-            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+            for (int r = 0; r < RW; ++r)
+#pragma unroll
+                for (int i = 0; i < NB; ++i) s[r][i][0] = s[r][i][1] = s[r][i][2] = s[r][i][3] = 0.0f;
+            if constexpr (RW == 1) {
+                mma_rt<KS, NB, LD>(s[0], qf, sK + buf * BC * LD, lane);
+            } else {
+                mma_nt_rows<RW, KS, NB, LD>(s, sQw, sK + buf * BC * LD, lane);
+            }
+            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + WR - 1 - k0 >= window);
             // Interior tiles without soft-cap (most of the work) keep raw scores: the row max is
             // taken raw (scale > 0 keeps the order) and scaling folds into the exponent's FMA.
             const bool raw = !mask && cl2 <= 0.0f;
-            float mx[2] = {m[0], m[1]};
-            if (raw) {
-                float tmx[2] = {NEG_INF, NEG_INF};
+            u32 p[RW][BC / 16][4];
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-                    tmx[0] = fmaxf(tmx[0], fmaxf(s[nb][0], s[nb][1]));
-                    tmx[1] = fmaxf(tmx[1], fmaxf(s[nb][2], s[nb][3]));
-                }
-                mx[0] = fmaxf(mx[0], tmx[0] * sl2);
-                mx[1] = fmaxf(mx[1], tmx[1] * sl2);
-            } else {
+            for (int r = 0; r < RW; ++r) {
+                const int rows[2] = {w0 + r * 16 + g, w0 + r * 16 + g + 8};
+                float mx[2] = {m[r][0], m[r][1]};
+                if (raw) {
+                    float tmx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
+                    for (int nb = 0; nb < NB; ++nb) {
+                        tmx[0] = fmaxf(tmx[0], fmaxf(s[r][nb][0], s[r][nb][1]));
+                        tmx[1] = fmaxf(tmx[1], fmaxf(s[r][nb][2], s[r][nb][3]));
+                    }
+                    mx[0] = fmaxf(mx[0], tmx[0] * sl2);
+                    mx[1] = fmaxf(mx[1], tmx[1] * sl2);
+                } else {
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        float dc;
-                        float x = score2(s[nb][r], sl2, sc, cl2, &dc);
-                        if (mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window)) x = NEG_INF;
-                        s[nb][r] = x;
-                        mx[r >> 1] = fmaxf(mx[r >> 1], x);
+                    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            float dc;
+                            float x = score2(s[r][nb][e], sl2, sc, cl2, &dc);
+                            if (mask && hidden(rows[e >> 1], k0 + nb * 8 + 2 * t4 + (e & 1), window)) x = NEG_INF;
+                            s[r][nb][e] = x;
+                            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                        }
                     }
                 }
-            }
-            float corr[2], base[2], rs[2] = {0.0f, 0.0f};
+                float corr[2], base[2], rs[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-                // A row with nothing visible yet keeps max −inf; exp2(−inf − 0) = 0 keeps it empty.
-                base[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
-                corr[i] = ex2(m[i] - base[i]);
-                m[i] = mx[i];
-            }
-            if (raw) {
+                for (int i = 0; i < 2; ++i) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+                    // A row with nothing visible yet keeps max −inf; exp2(−inf − 0) = 0 keeps it empty.
+                    base[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
+                    corr[i] = ex2(m[r][i] - base[i]);
+                    m[r][i] = mx[i];
+                }
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        s[nb][r] = ex2(fmaf(s[nb][r], sl2, -base[r >> 1]));
-                        rs[r >> 1] += s[nb][r];
+                    for (int e = 0; e < 4; ++e) {
+                        const float x = s[r][nb][e];
+                        s[r][nb][e] = raw ? ex2(fmaf(x, sl2, -base[e >> 1])) : ex2(x - base[e >> 1]);
+                        rs[e >> 1] += s[r][nb][e];
                     }
                 }
-            } else {
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
+                for (int i = 0; i < 2; ++i) l[r][i] = l[r][i] * corr[i] + rs[i];
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        s[nb][r] = ex2(s[nb][r] - base[r >> 1]);
-                        rs[r >> 1] += s[nb][r];
-                    }
+                for (int no = 0; no < NO; ++no) {
+                    acc[r][no][0] *= corr[0];
+                    acc[r][no][1] *= corr[0];
+                    acc[r][no][2] *= corr[1];
+                    acc[r][no][3] *= corr[1];
                 }
+                to_frags<BC / 16>(p[r], s[r]);
             }
-#pragma unroll
-            for (int i = 0; i < 2; ++i) l[i] = l[i] * corr[i] + rs[i];
-#pragma unroll
-            for (int no = 0; no < NO; ++no) {
-                acc[no][0] *= corr[0];
-                acc[no][1] *= corr[0];
-                acc[no][2] *= corr[1];
-                acc[no][3] *= corr[1];
-            }
-            u32 p[BC / 16][4];
-            to_frags<BC / 16>(p, s);
-            mma_rn<BC / 16, NO, LD>(acc, p, sV + buf * BC * LD, lane);
+            mma_rn_rows<RW, BC / 16, NO, LD>(acc, p, sV + buf * BC * LD, lane);
         }
         __syncthreads();
     }
 
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    }
-    const float inv[2] = {l[0] > 0.0f ? 1.0f / l[0] : 0.0f, l[1] > 0.0f ? 1.0f / l[1] : 0.0f};
+    for (int r = 0; r < RW; ++r) {
+        const int rows[2] = {w0 + r * 16 + g, w0 + r * 16 + g + 8};
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (rows[i] >= T) continue;
-        u16* orow = o + (long long)rows[i] * qs + (long long)h * d;
-#pragma unroll
-        for (int no = 0; no < NO; ++no) {
-            const int col = no * 8 + 2 * t4;
-            if (col < d) *(u32*)(orow + col) = pack_bf16(acc[no][2 * i] * inv[i], acc[no][2 * i + 1] * inv[i]);
+        for (int i = 0; i < 2; ++i) {
+            l[r][i] += __shfl_xor_sync(0xffffffff, l[r][i], 1);
+            l[r][i] += __shfl_xor_sync(0xffffffff, l[r][i], 2);
         }
-        if (lse != 0 && t4 == 0) lse[(long long)h * T + rows[i]] = m[i] + log2f(l[i]);
+        const float inv[2] = {l[r][0] > 0.0f ? 1.0f / l[r][0] : 0.0f, l[r][1] > 0.0f ? 1.0f / l[r][1] : 0.0f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (rows[i] >= T) continue;
+            u16* orow = o + (long long)rows[i] * qs + (long long)h * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d)
+                    *(u32*)(orow + col) = pack_bf16(acc[r][no][2 * i] * inv[i], acc[r][no][2 * i + 1] * inv[i]);
+            }
+            if (lse != 0 && t4 == 0) lse[(long long)h * T + rows[i]] = m[r][i] + log2f(l[r][i]);
+        }
     }
 }
 
@@ -642,11 +697,11 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
 //   dq:     grid ceil(T / 16NW)·nh,          block 32NW, smem (32NW + 4BC)·(D+8)·2
 //   dkdv:   grid ceil(T / 16NW)·nkv·nsplit,  block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
 //   reduce: grid ceil(T·2nkv·d / 4 / 256),   block 256 (only where nsplit > 1)
-#define FWD(name, D, NW, BC)                                                                                   \
+#define FWD(name, D, NW, BC, RW)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, u16* o, float* lse, int T, int nh, int nkv, int d,          \
         float scale, int window, float cap) {                                                                  \
-        flash_fwd<D, NW, BC>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                              \
+        flash_fwd<D, NW, BC, RW>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                          \
     }
 #define DQ(name, D, NW, BC)                                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
@@ -665,12 +720,21 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
 
 // Measured on an H200 (notes/CUDA.md): 8 warps pay off in the forward only at D = 128; the
 // backward kernels are fastest with 4 (register-bound: dK and dV, or dQ, plus two score tiles).
-FWD(flash_fwd_d32, 32, 4, 64)
-FWD(flash_fwd_d64, 64, 4, 64)
-FWD(flash_fwd_d128, 128, 8, 64)
+FWD(flash_fwd_d32, 32, 4, 64, 1)
+FWD(flash_fwd_d64, 64, 4, 64, 1)
+FWD(flash_fwd_d128, 128, 8, 64, 1)
+// Variants measured against the above (scripts/flash_check.py --variants).
+FWD(flash_fwd_d32_r2, 32, 4, 64, 2)
+FWD(flash_fwd_d64_r2, 64, 4, 64, 2)
+FWD(flash_fwd_d128_r2, 128, 4, 64, 2)
+FWD(flash_fwd_d128_r2b32, 128, 4, 32, 2)
+FWD(flash_fwd_d64_r2b32, 64, 4, 32, 2)
 DQ(flash_bwd_dq_d32, 32, 4, 64)
 DQ(flash_bwd_dq_d64, 64, 4, 64)
 DQ(flash_bwd_dq_d128, 128, 4, 64)
 DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
+DKDV(flash_bwd_dkdv_d128_q32, 128, 4, 32, 1)
+DKDV(flash_bwd_dkdv_d128_w8, 128, 8, 64, 1)
+DKDV(flash_bwd_dkdv_d64_q32, 64, 4, 32, 3)
