@@ -37,22 +37,29 @@ def tiles(d):
     if d % 8 or d > 128 or d < 8:
         raise ValueError(f"head dim {d} unsupported (needs d % 8 == 0, 8 <= d <= 128)")
     D = 32 if d <= 32 else 64 if d <= 64 else 128
-    return D, 8 if D == 128 else 4, 64, 4, 64
+    return D, 4, 64, 4, 64
 
 
+# 16-row groups per warp of the forward and dQ kernels, per padded width D (flash.rs `Tiles`).
+FWD_ROWS = {32: 1, 64: 1, 128: 2}
+DQ_ROWS = {32: 1, 64: 1, 128: 1}
 # Alternative instantiations in flash_attn.cu, timed and checked against the defaults with
-# --variants: forward (entry, warps, key tile, 16-row groups per warp) and dK/dV (entry,
-# warps, query tile), per padded width D.
-FWD_VARIANTS = {32: [("flash_fwd_d32_r2", 4, 64, 2)],
-                64: [("flash_fwd_d64_r2", 4, 64, 2), ("flash_fwd_d64_r2b32", 4, 32, 2)],
-                128: [("flash_fwd_d128_r2", 4, 64, 2), ("flash_fwd_d128_r2b32", 4, 32, 2)]}
-DKDV_VARIANTS = {32: [], 64: [("flash_bwd_dkdv_d64_q32", 4, 32)],
-                 128: [("flash_bwd_dkdv_d128_q32", 4, 32), ("flash_bwd_dkdv_d128_w8", 8, 64)]}
+# --variants: (entry, warps, key tile, 16-row groups per warp) per padded width D.
+FWD_VARIANTS = {32: [], 64: [], 128: []}
+DQ_VARIANTS = {32: [("flash_bwd_dq_d32_r2", 4, 64, 2)],
+               64: [("flash_bwd_dq_d64_r2", 4, 64, 2), ("flash_bwd_dq_d64_r2b32", 4, 32, 2)],
+               128: []}
+DKDV_VARIANTS = {32: [], 64: [], 128: []}
 
 
 def fwd_default(d):
     D, NW, BC, _, _ = tiles(d)
-    return (f"flash_fwd_d{D}", NW, BC, 1)
+    return (f"flash_fwd_d{D}", NW, BC, FWD_ROWS[D])
+
+
+def dq_default(d):
+    D, _, BC, NW, _ = tiles(d)
+    return (f"flash_bwd_dq_d{D}", NW, BC, DQ_ROWS[D])
 
 
 def dkdv_default(d):
@@ -109,16 +116,16 @@ def dkdv_splits(T, nh, nkv, d):
 
 
 def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None, part=None,
-               kv=None):
+               kv=None, qv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    D, _, BC, NW, BQ = tiles(d)
-    b = 16 * NW
+    D = tiles(d)[0]
     if which == "dq":
+        name, NW, BC, RW = qv or dq_default(d)
+        b = 16 * NW * RW
         args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
             T, nh, nkv, d, scale, window, cap)
-        launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b) * nh,), 32 * NW,
-               (2 * b + 4 * BC) * (D + 8) * 2, args)
+        launch(name, (math.ceil(T / b) * nh,), 32 * NW, (2 * b + 4 * BC) * (D + 8) * 2, args)
         return
     nsplit = nsplit or dkdv_splits(T, nh, nkv, d)
     if nsplit > 1 and part is None:
@@ -135,12 +142,12 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
                 np.int32(nsplit), np.float32(scale)))
 
 
-def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None):
+def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None, qv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     lse, delta = bwd_prep(q, k, v, g, scale, window, cap, fv=fv)
     dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
-    bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap)
+    bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap, qv=qv)
     bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=nsplit, kv=kv)
     return dqkv
 
@@ -192,6 +199,7 @@ def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0, variants=False)
         D = tiles(d)[0]
         runs += [(fv[0], flash_fwd(q, k, v, scale, window, cap, fv=fv), dict(fv=fv))
                  for fv in FWD_VARIANTS[D]]
+        runs += [(qv[0], o, dict(qv=qv)) for qv in DQ_VARIANTS[D]]
         runs += [(kv[0], o, dict(kv=kv)) for kv in DKDV_VARIANTS[D]]
     for what, out, kw in runs:
         dqkv = flash_bwd(q, k, v, g, scale, window, cap, **kw)
@@ -267,6 +275,10 @@ def bench(T, nh, nkv, d, window=None, variants=False):
         for fv in FWD_VARIANTS[D]:
             t = timed(lambda: flash_fwd(q, k, v, scale, window, None, fv=fv))
             print(f"  variant {fv[0]}: fwd {t*1e3:.3f} ms {flops/t/1e12:.0f} TFLOP/s", flush=True)
+        for qv in DQ_VARIANTS[D]:
+            t = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None,
+                                         qv=qv))
+            print(f"  variant {qv[0]}: dq {t*1e3:.3f} ms", flush=True)
         for kv in DKDV_VARIANTS[D]:
             t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
                                          kv=kv))

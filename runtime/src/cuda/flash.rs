@@ -75,26 +75,43 @@ pub(crate) fn supports(dims: &AttnDims) -> bool {
 struct Tiles {
     /// Padded head width `D`.
     width: usize,
-    /// Warps of the forward kernel (16 query rows each).
+    /// Warps of the forward kernel.
     fwd_warps: usize,
+    /// 16-row query groups per forward warp (2: each K/V fragment serves two groups).
+    fwd_rows: usize,
     /// Key tile of the forward and dQ kernels.
     bc: usize,
-    /// Warps of the backward kernels (16 rows — queries for dQ, keys for dK/dV — each).
+    /// Warps of the backward kernels (16 keys each for dK/dV).
     bwd_warps: usize,
+    /// 16-row query groups per dQ warp.
+    dq_rows: usize,
     /// Query tile of the dK/dV kernel.
     bq: usize,
 }
 
 impl Tiles {
-    /// Measured on an H200 (notes/CUDA.md): 8 forward warps pay off only at `D = 128`.
+    /// Measured on an H200 (notes/CUDA.md): two row groups per forward warp pay off only at
+    /// `D = 128` (1.25×); the instantiations at the end of flash_attn.cu must match.
     fn for_width(width: usize) -> Tiles {
         Tiles {
             width,
-            fwd_warps: if width == 128 { 8 } else { 4 },
+            fwd_warps: 4,
+            fwd_rows: if width == 128 { 2 } else { 1 },
             bc: 64,
             bwd_warps: 4,
+            dq_rows: 1,
             bq: 64,
         }
+    }
+
+    /// Query rows of one forward CTA.
+    fn fwd_block(&self) -> usize {
+        16 * self.fwd_warps * self.fwd_rows
+    }
+
+    /// Query rows of one dQ CTA.
+    fn dq_block(&self) -> usize {
+        16 * self.bwd_warps * self.dq_rows
     }
 
     fn of(d: usize) -> Tiles {
@@ -109,11 +126,11 @@ impl Tiles {
     }
 
     fn fwd_smem(&self) -> usize {
-        (16 * self.fwd_warps + 4 * self.bc) * self.row_bytes()
+        (self.fwd_block() + 4 * self.bc) * self.row_bytes()
     }
 
     fn dq_smem(&self) -> usize {
-        (32 * self.bwd_warps + 4 * self.bc) * self.row_bytes()
+        (2 * self.dq_block() + 4 * self.bc) * self.row_bytes()
     }
 
     fn dkdv_smem(&self) -> usize {
@@ -322,7 +339,6 @@ impl Flash {
         let kern = self.kernels(dims.d);
         let tl = kern.tiles;
         let a = Args::new(dims);
-        let blocks = t.div_ceil(16 * tl.bwd_warps);
         let mut b = stream.launch_builder(&kern.dq);
         b.arg(q)
             .arg(k)
@@ -335,7 +351,8 @@ impl Flash {
         // SAFETY: flash_bwd_dq_d{D}(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale,
         // window, cap) (DQ in flash_attn.cu); buffer sizes checked above; the shared memory
         // was granted in `new`.
-        unsafe { b.launch(config(blocks * nh, 32 * tl.bwd_warps, tl.dq_smem())) }
+        let grid = t.div_ceil(tl.dq_block()) * nh;
+        unsafe { b.launch(config(grid, 32 * tl.bwd_warps, tl.dq_smem())) }
             .map_err(|e| cuda_err(op, "flash_bwd_dq launch", e))?;
 
         let nsplit = dkdv_splits(dims);
@@ -365,7 +382,7 @@ impl Flash {
         };
         b.arg(&nsplit_i);
         a.push(&mut b);
-        let grid = blocks * dims.nkv * nsplit;
+        let grid = t.div_ceil(16 * tl.bwd_warps) * dims.nkv * nsplit;
         // SAFETY: flash_bwd_dkdv_d{D}(q, k, v, go, lse, delta, dqkv, part (null when nsplit
         // is 1, never read then), nsplit, T, nh, nkv, d, scale, window, cap) (DKDV in
         // flash_attn.cu); part holds nsplit·T·2·nkv·d floats; the shared memory was granted
@@ -415,7 +432,7 @@ impl Flash {
             None => b.arg(&null),
         };
         a.push(&mut b);
-        let grid = dims.t.div_ceil(16 * tl.fwd_warps) * dims.nh;
+        let grid = dims.t.div_ceil(tl.fwd_block()) * dims.nh;
         // SAFETY: flash_fwd_d{D}(q, k, v, o, lse (may be null), T, nh, nkv, d, scale, window,
         // cap) (FWD in flash_attn.cu); buffer sizes checked by the caller; lse, when given,
         // holds nh·T floats; the shared memory was granted in `new`.

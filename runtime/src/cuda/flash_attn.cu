@@ -408,15 +408,16 @@ extern "C" __global__ void flash_bwd_delta(const u16* __restrict__ o, const u16*
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ: one CTA per (query block, head), the forward's tiling. Per key tile:
+// dQ: one CTA per (query block, head), the forward's tiling; each warp owns RW groups of 16 query
+// rows (RW = 2 shares every K and V fragment between two row groups, as the forward). Per key tile:
 // S = Q·Kᵀ, dP = dO·Vᵀ, P = exp2(S₂ − lse), dS = P∘(dP − delta)∘cap', dQ += dS·K; dQ·scale at the end.
-template <int D, int NW, int BC>
+template <int D, int NW, int BC, int RW>
 __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k,
                                              const u16* __restrict__ v, const u16* __restrict__ go,
                                              const float* __restrict__ lse, const float* __restrict__ delta,
                                              u16* __restrict__ dqkv, int T, int nh, int nkv, int d, float scale,
                                              int window, float cap) {
-    constexpr int BR = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
+    constexpr int WR = 16 * RW, BR = WR * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sG = sQ + BR * LD;
@@ -437,18 +438,22 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
     load_tile<BC, D, LD, NT>(sV, vp, kt0 * BC, T, ks, d, tid);
     cp_commit();
 
-    const int w0 = q0 + warp * 16;
-    const int rows[2] = {w0 + g, w0 + g + 8};
-    float L[2], Dl[2];
+    const int w0 = q0 + warp * WR;
+    float L[RW][2], Dl[RW][2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        // Padded rows: dO is zero there, so dS is zero whatever P is.
-        L[i] = rows[i] < T ? lse[(long long)h * T + rows[i]] : 0.0f;
-        Dl[i] = rows[i] < T ? delta[(long long)h * T + rows[i]] : 0.0f;
-    }
-    float dq[NO][4];
+    for (int r = 0; r < RW; ++r)
 #pragma unroll
-    for (int i = 0; i < NO; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+        for (int i = 0; i < 2; ++i) {
+            // Padded rows: dO is zero there, so dS is zero whatever P is.
+            const int row = w0 + r * 16 + g + 8 * i;
+            L[r][i] = row < T ? lse[(long long)h * T + row] : 0.0f;
+            Dl[r][i] = row < T ? delta[(long long)h * T + row] : 0.0f;
+        }
+    float dq[RW][NO][4];
+#pragma unroll
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+        for (int i = 0; i < NO; ++i) dq[r][i][0] = dq[r][i][1] = dq[r][i][2] = dq[r][i][3] = 0.0f;
 
     for (int kt = kt0; kt < kt1; ++kt) {
         const int buf = (kt - kt0) & 1;
@@ -461,46 +466,56 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
         __syncthreads();
 
         const int k0 = kt * BC;
-        const bool skip = k0 > w0 + 15 || (window > 0 && w0 - (k0 + BC - 1) >= window);
+        const bool skip = k0 > w0 + WR - 1 || (window > 0 && w0 - (k0 + BC - 1) >= window);
         if (!skip) {
-            float s[NB][4], dp[NB][4];
+            float s[RW][NB][4], dp[RW][NB][4];
 #pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-                dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
-            }
-            mma_nt<KS, NB, LD>(s, sQ + warp * 16 * LD, sK + buf * BC * LD, lane);
-            mma_nt<KS, NB, LD>(dp, sG + warp * 16 * LD, sV + buf * BC * LD, lane);
-            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+            for (int r = 0; r < RW; ++r)
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    float dc;
-                    const float x = score2(s[nb][r], sl2, sc, cl2, &dc);
-                    const bool hid = mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window);
-                    const float p = hid ? 0.0f : ex2(x - L[r >> 1]);
-                    s[nb][r] = p * (dp[nb][r] - Dl[r >> 1]) * dc;
+                for (int i = 0; i < NB; ++i) {
+                    s[r][i][0] = s[r][i][1] = s[r][i][2] = s[r][i][3] = 0.0f;
+                    dp[r][i][0] = dp[r][i][1] = dp[r][i][2] = dp[r][i][3] = 0.0f;
                 }
+            mma_nt_rows<RW, KS, NB, LD>(s, sQ + warp * WR * LD, sK + buf * BC * LD, lane);
+            mma_nt_rows<RW, KS, NB, LD>(dp, sG + warp * WR * LD, sV + buf * BC * LD, lane);
+            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + WR - 1 - k0 >= window);
+            u32 f[RW][BC / 16][4];
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const int rows[2] = {w0 + r * 16 + g, w0 + r * 16 + g + 8};
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float dc;
+                        const float x = score2(s[r][nb][e], sl2, sc, cl2, &dc);
+                        const bool hid = mask && hidden(rows[e >> 1], k0 + nb * 8 + 2 * t4 + (e & 1), window);
+                        const float p = hid ? 0.0f : ex2(x - L[r][e >> 1]);
+                        s[r][nb][e] = p * (dp[r][nb][e] - Dl[r][e >> 1]) * dc;
+                    }
+                }
+                to_frags<BC / 16>(f[r], s[r]);
             }
-            u32 f[BC / 16][4];
-            to_frags<BC / 16>(f, s);
-            mma_rn<BC / 16, NO, LD>(dq, f, sK + buf * BC * LD, lane);
+            mma_rn_rows<RW, BC / 16, NO, LD>(dq, f, sK + buf * BC * LD, lane);
         }
         __syncthreads();
     }
 
     const long long os = (long long)(nh + 2 * nkv) * d;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (rows[i] >= T) continue;
-        u16* orow = dqkv + (long long)rows[i] * os + (long long)h * d;
+    for (int r = 0; r < RW; ++r)
 #pragma unroll
-        for (int no = 0; no < NO; ++no) {
-            const int col = no * 8 + 2 * t4;
-            if (col < d) *(u32*)(orow + col) = pack_bf16(dq[no][2 * i] * scale, dq[no][2 * i + 1] * scale);
+        for (int i = 0; i < 2; ++i) {
+            const int row = w0 + r * 16 + g + 8 * i;
+            if (row >= T) continue;
+            u16* orow = dqkv + (long long)row * os + (long long)h * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d)
+                    *(u32*)(orow + col) = pack_bf16(dq[r][no][2 * i] * scale, dq[r][no][2 * i + 1] * scale);
+            }
         }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -693,8 +708,8 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (tile width D, warps NW, inner tile BC or BQ). The host (flash.rs
 // `Tiles`, scripts/flash_check.py `tiles`) derives grid and shared memory from the same numbers:
-//   fwd:    grid ceil(T / 16NW)·nh,          block 32NW, smem (16NW + 4BC)·(D+8)·2
-//   dq:     grid ceil(T / 16NW)·nh,          block 32NW, smem (32NW + 4BC)·(D+8)·2
+//   fwd:    grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (16·RW·NW + 4BC)·(D+8)·2
+//   dq:     grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (32·RW·NW + 4BC)·(D+8)·2
 //   dkdv:   grid ceil(T / 16NW)·nkv·nsplit,  block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
 //   reduce: grid ceil(T·2nkv·d / 4 / 256),   block 256 (only where nsplit > 1)
 #define FWD(name, D, NW, BC, RW)                                                                               \
@@ -703,11 +718,11 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
         float scale, int window, float cap) {                                                                  \
         flash_fwd<D, NW, BC, RW>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                          \
     }
-#define DQ(name, D, NW, BC)                                                                                    \
+#define DQ(name, D, NW, BC, RW)                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, int T, int nh, int nkv, int d, float scale, int window, float cap) {                        \
-        flash_bwd_dq<D, NW, BC>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);             \
+        flash_bwd_dq<D, NW, BC, RW>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);         \
     }
 #define DKDV(name, D, NW, BQ, MINB)                                                                            \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB) name(                                                \
@@ -718,23 +733,21 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
                                   cap);                                                                        \
     }
 
-// Measured on an H200 (notes/CUDA.md): 8 warps pay off in the forward only at D = 128; the
-// backward kernels are fastest with 4 (register-bound: dK and dV, or dQ, plus two score tiles).
+// Measured on an H200 (notes/CUDA.md): at D = 128 the forward's 2 row groups per warp (4 warps)
+// beat 1 group with 8 warps by 1.25x; at D <= 64 they gain nothing (2 %). The backward kernels
+// are fastest with 4 warps and 16 rows each (register-bound: dK and dV, or dQ, plus two score
+// tiles); a query tile of 32 or 8 warps in the dK/dV kernel lost 8-12 %.
 FWD(flash_fwd_d32, 32, 4, 64, 1)
 FWD(flash_fwd_d64, 64, 4, 64, 1)
-FWD(flash_fwd_d128, 128, 8, 64, 1)
+FWD(flash_fwd_d128, 128, 4, 64, 2)
+DQ(flash_bwd_dq_d32, 32, 4, 64, 1)
+DQ(flash_bwd_dq_d64, 64, 4, 64, 1)
+DQ(flash_bwd_dq_d128, 128, 4, 64, 1)
 // Variants measured against the above (scripts/flash_check.py --variants).
-FWD(flash_fwd_d32_r2, 32, 4, 64, 2)
-FWD(flash_fwd_d64_r2, 64, 4, 64, 2)
-FWD(flash_fwd_d128_r2, 128, 4, 64, 2)
-FWD(flash_fwd_d128_r2b32, 128, 4, 32, 2)
-FWD(flash_fwd_d64_r2b32, 64, 4, 32, 2)
-DQ(flash_bwd_dq_d32, 32, 4, 64)
-DQ(flash_bwd_dq_d64, 64, 4, 64)
-DQ(flash_bwd_dq_d128, 128, 4, 64)
+DQ(flash_bwd_dq_d32_r2, 32, 4, 64, 2)
+DQ(flash_bwd_dq_d64_r2, 64, 4, 64, 2)
+DQ(flash_bwd_dq_d64_r2b32, 64, 4, 32, 2)
 DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
-DKDV(flash_bwd_dkdv_d128_q32, 128, 4, 32, 1)
-DKDV(flash_bwd_dkdv_d128_w8, 128, 8, 64, 1)
-DKDV(flash_bwd_dkdv_d64_q32, 64, 4, 32, 3)
+
