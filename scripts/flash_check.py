@@ -43,12 +43,12 @@ def tiles(d):
 # 16-row groups per warp of the forward and dQ kernels, per padded width D (flash.rs `Tiles`).
 FWD_ROWS = {32: 1, 64: 1, 128: 2}
 DQ_ROWS = {32: 1, 64: 1, 128: 1}
-# Alternative instantiations in flash_attn.cu, timed and checked against the defaults with
-# --variants: (entry, warps, key tile, 16-row groups per warp) per padded width D.
+# For tuning: alternative instantiations added to the end of flash_attn.cu and listed here are
+# checked on every shape and timed next to the defaults with --variants. Forward and dQ:
+# (entry, warps, key tile, 16-row groups per warp); dK/dV: (entry, warps, query tile). Empty:
+# the candidates of 2026-12-01 (notes/CUDA.md) lost or tied, and were removed.
 FWD_VARIANTS = {32: [], 64: [], 128: []}
-DQ_VARIANTS = {32: [("flash_bwd_dq_d32_r2", 4, 64, 2)],
-               64: [("flash_bwd_dq_d64_r2", 4, 64, 2), ("flash_bwd_dq_d64_r2b32", 4, 32, 2)],
-               128: []}
+DQ_VARIANTS = {32: [], 64: [], 128: []}
 DKDV_VARIANTS = {32: [], 64: [], 128: []}
 
 

@@ -734,19 +734,17 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
     }
 
 // Measured on an H200 (notes/CUDA.md): at D = 128 the forward's 2 row groups per warp (4 warps)
-// beat 1 group with 8 warps by 1.25x; at D <= 64 they gain nothing (2 %). The backward kernels
-// are fastest with 4 warps and 16 rows each (register-bound: dK and dV, or dQ, plus two score
-// tiles); a query tile of 32 or 8 warps in the dK/dV kernel lost 8-12 %.
+// beat 1 group with 8 warps by 1.25x; at D = 64 they gain 2 % in the forward and in dQ (noise,
+// for 238-255 registers instead of 136-168). The backward kernels are fastest with 4 warps and
+// 16 rows each (register-bound: dK and dV, or dQ, plus two score tiles); a dK/dV query tile
+// of 32, or 8 warps, lost 8-12 %. __launch_bounds__(.., 3) keeps dK/dV at D = 64 at 168
+// registers (3 CTAs per SM; the split's epilogue had pushed it to 220).
 FWD(flash_fwd_d32, 32, 4, 64, 1)
 FWD(flash_fwd_d64, 64, 4, 64, 1)
 FWD(flash_fwd_d128, 128, 4, 64, 2)
 DQ(flash_bwd_dq_d32, 32, 4, 64, 1)
 DQ(flash_bwd_dq_d64, 64, 4, 64, 1)
 DQ(flash_bwd_dq_d128, 128, 4, 64, 1)
-// Variants measured against the above (scripts/flash_check.py --variants).
-DQ(flash_bwd_dq_d32_r2, 32, 4, 64, 2)
-DQ(flash_bwd_dq_d64_r2, 64, 4, 64, 2)
-DQ(flash_bwd_dq_d64_r2b32, 64, 4, 32, 2)
 DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
