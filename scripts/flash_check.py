@@ -37,7 +37,34 @@ def tiles(d):
     if d % 8 or d > 128 or d < 8:
         raise ValueError(f"head dim {d} unsupported (needs d % 8 == 0, 8 <= d <= 128)")
     D = 32 if d <= 32 else 64 if d <= 64 else 128
-    return D, 8 if D == 128 else 4, 64, 4, 64
+    return D, 4, 64, 4, 64
+
+
+# 16-row groups per warp of the forward and dQ kernels, per padded width D (flash.rs `Tiles`).
+FWD_ROWS = {32: 1, 64: 1, 128: 2}
+DQ_ROWS = {32: 1, 64: 1, 128: 1}
+# For tuning: alternative instantiations added to the end of flash_attn.cu and listed here are
+# checked on every shape and timed next to the defaults with --variants. Forward and dQ:
+# (entry, warps, key tile, 16-row groups per warp); dK/dV: (entry, warps, query tile). Empty:
+# the candidates of 2026-12-01 (notes/CUDA.md) lost or tied, and were removed.
+FWD_VARIANTS = {32: [], 64: [], 128: []}
+DQ_VARIANTS = {32: [], 64: [], 128: []}
+DKDV_VARIANTS = {32: [], 64: [], 128: []}
+
+
+def fwd_default(d):
+    D, NW, BC, _, _ = tiles(d)
+    return (f"flash_fwd_d{D}", NW, BC, FWD_ROWS[D])
+
+
+def dq_default(d):
+    D, _, BC, NW, _ = tiles(d)
+    return (f"flash_bwd_dq_d{D}", NW, BC, DQ_ROWS[D])
+
+
+def dkdv_default(d):
+    D, _, _, NW, BQ = tiles(d)
+    return (f"flash_bwd_dkdv_d{D}", NW, BQ)
 
 
 def launch(name, grid, threads, smem, args):
@@ -58,51 +85,70 @@ def common(T, nh, nkv, d, scale, window, cap):
             np.int32(window or 0), np.float32(cap or 0.0))
 
 
-def flash_fwd(q, k, v, scale, window, cap, lse=None, out=None):
+def flash_fwd(q, k, v, scale, window, cap, lse=None, out=None, fv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    D, NW, BC, _, _ = tiles(d)
+    D = tiles(d)[0]
+    name, NW, BC, RW = fv or fwd_default(d)
     o = out if out is not None else torch.full_like(q, float("nan"))
-    br = 16 * NW
+    br = 16 * NW * RW
     smem = (br + 4 * BC) * (D + 8) * 2
-    launch(f"flash_fwd_d{D}", (math.ceil(T / br), nh), 32 * NW, smem,
+    launch(name, (math.ceil(T / br) * nh,), 32 * NW, smem,
            (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + common(T, nh, nkv, d, scale, window, cap))
     return o
 
 
-def bwd_prep(q, k, v, g, scale, window, cap):
+def bwd_prep(q, k, v, g, scale, window, cap, fv=None):
     """The forward recomputation (O, lse) and delta = rowsum(dO∘O): the backward's scratch."""
     T, nh, d = q.shape
     lse = torch.empty(nh, T, dtype=torch.float32, device=q.device)
     delta = torch.empty(nh, T, dtype=torch.float32, device=q.device)
-    o = flash_fwd(q, k, v, scale, window, cap, lse=lse)
+    o = flash_fwd(q, k, v, scale, window, cap, lse=lse, fv=fv)
     launch("flash_bwd_delta", (math.ceil(T * nh / 8),), 256, 0,
            (ptr(o), ptr(g), ptr(delta), np.int32(T), np.int32(nh), np.int32(d)))
     return lse, delta
 
 
-def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap):
+def dkdv_splits(T, nh, nkv, d):
+    """How many CTAs share one key block's GQA group in the dK/dV kernel, as flash.rs
+    `dkdv_splits`: the whole group (most, shortest CTAs) where it has more than one head."""
+    return nh // nkv
+
+
+def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None, part=None,
+               kv=None, qv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    D, _, BC, NW, BQ = tiles(d)
-    args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
-        T, nh, nkv, d, scale, window, cap)
-    b = 16 * NW
+    D = tiles(d)[0]
     if which == "dq":
-        launch(f"flash_bwd_dq_d{D}", (math.ceil(T / b), nh), 32 * NW,
-               (2 * b + 4 * BC) * (D + 8) * 2, args)
-    else:
-        launch(f"flash_bwd_dkdv_d{D}", (math.ceil(T / b), nkv), 32 * NW,
-               (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+        name, NW, BC, RW = qv or dq_default(d)
+        b = 16 * NW * RW
+        args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
+            T, nh, nkv, d, scale, window, cap)
+        launch(name, (math.ceil(T / b) * nh,), 32 * NW, (2 * b + 4 * BC) * (D + 8) * 2, args)
+        return
+    nsplit = nsplit or dkdv_splits(T, nh, nkv, d)
+    if nsplit > 1 and part is None:
+        part = torch.empty(nsplit, T, 2 * nkv * d, dtype=torch.float32, device=q.device)
+    args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
+            np.int32(nsplit)) + common(T, nh, nkv, d, scale, window, cap)
+    name, NW, BQ = kv or dkdv_default(d)
+    b = 16 * NW
+    launch(name, (math.ceil(T / b) * nkv * nsplit,), 32 * NW,
+           (2 * b + 4 * BQ) * (D + 8) * 2 + 16 * BQ, args)
+    if nsplit > 1:
+        launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
+               (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
+                np.int32(nsplit), np.float32(scale)))
 
 
-def flash_bwd(q, k, v, g, scale, window, cap):
+def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None, qv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
-    lse, delta = bwd_prep(q, k, v, g, scale, window, cap)
+    lse, delta = bwd_prep(q, k, v, g, scale, window, cap, fv=fv)
     dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
-    for which in ("dq", "dkdv"):
-        bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap)
+    bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap, qv=qv)
+    bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=nsplit, kv=kv)
     return dqkv
 
 
@@ -136,24 +182,37 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-3 * math.sqrt(b.numel()))).item()
 
 
-def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0):
+def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0, variants=False):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     mk = lambda h: (torch.randn(T, h, d, generator=gen, device="cuda") * amp).bfloat16()
     q, k, v = mk(nh), mk(nkv), mk(nkv)
     g = torch.randn(T, nh, d, generator=gen, device="cuda").bfloat16()
     scale = 1.0 / math.sqrt(d)
     o = flash_fwd(q, k, v, scale, window, cap)
-    dqkv = flash_bwd(q, k, v, g, scale, window, cap)
-    again = flash_bwd(q, k, v, g, scale, window, cap)
-    torch.cuda.synchronize()
     ro, rq, rk, rv = reference(q, k, v, g, scale, window, cap)
-    errs = [rel(o, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
-            rel(dqkv[:, nh + nkv:], rv)]
-    det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
-    ok = max(errs) <= TOL and det
-    print(f"{'ok  ' if ok else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
-          f"softcap={cap} amp={amp}: out {errs[0]:.2e} dq {errs[1]:.2e} "
-          f"dk {errs[2]:.2e} dv {errs[3]:.2e} deterministic={det}", flush=True)
+    ok = True
+    # Every way of splitting the group (1 = dK/dV straight from registers, else through the
+    # reduce kernel), each run twice: bitwise equal runs.
+    group = nh // nkv
+    runs = [(f"nsplit={s}", o, dict(nsplit=s)) for s in range(1, group + 1) if group % s == 0]
+    if variants:
+        D = tiles(d)[0]
+        runs += [(fv[0], flash_fwd(q, k, v, scale, window, cap, fv=fv), dict(fv=fv))
+                 for fv in FWD_VARIANTS[D]]
+        runs += [(qv[0], o, dict(qv=qv)) for qv in DQ_VARIANTS[D]]
+        runs += [(kv[0], o, dict(kv=kv)) for kv in DKDV_VARIANTS[D]]
+    for what, out, kw in runs:
+        dqkv = flash_bwd(q, k, v, g, scale, window, cap, **kw)
+        again = flash_bwd(q, k, v, g, scale, window, cap, **kw)
+        torch.cuda.synchronize()
+        errs = [rel(out, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
+                rel(dqkv[:, nh + nkv:], rv)]
+        det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
+        good = max(errs) <= TOL and det
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
+              f"softcap={cap} amp={amp} {what}: out {errs[0]:.2e} dq {errs[1]:.2e} "
+              f"dk {errs[2]:.2e} dv {errs[3]:.2e} deterministic={det}", flush=True)
     del ro, rq, rk, rv
     torch.cuda.empty_cache()
     return ok
@@ -172,7 +231,7 @@ def timed(fn, reps=10):
     return a.elapsed_time(b) / reps * 1e-3
 
 
-def bench(T, nh, nkv, d, window=None):
+def bench(T, nh, nkv, d, window=None, variants=False):
     q, k, v, g = (torch.randn(T, h, d, device="cuda").bfloat16() for h in (nh, nkv, nkv, nh))
     scale = 1.0 / math.sqrt(d)
     flops = 4.0 * T * T * d * nh / 2  # causal: half of the two T×T×d products
@@ -183,11 +242,19 @@ def bench(T, nh, nkv, d, window=None):
     lse, delta = bwd_prep(q, k, v, g, scale, window, None)
     dqkv = torch.empty(T, nh + 2 * nkv, d, dtype=q.dtype, device=q.device)
     t_dq = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None))
-    t_kv = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None))
+    group = nh // nkv
+    kv = []
+    for nsplit in [s for s in range(1, group + 1) if group % s == 0]:
+        part = torch.empty(nsplit, T, 2 * nkv * d, dtype=torch.float32, device=q.device)
+        t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
+                                     nsplit=nsplit, part=part))
+        mark = "*" if nsplit == dkdv_splits(T, nh, nkv, d) else ""
+        kv.append(f"{mark}{nsplit}: {t*1e3:.3f}")
     # flash_bwd includes its forward recomputation (lse), as the op must: report both.
     line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window}: "
             f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
-            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; dq {t_dq*1e3:.3f} ms, dkdv {t_kv*1e3:.3f} ms)")
+            f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; "
+            f"dq {t_dq*1e3:.3f} ms, dkdv+reduce by nsplit ({', '.join(kv)}) ms; * = default)")
     if window is None:
         from torch.nn.attention import SDPBackend, sdpa_kernel
         group = nh // nkv
@@ -203,11 +270,26 @@ def bench(T, nh, nkv, d, window=None):
         line += (f" || SDPA flash: fwd {sf*1e3:.3f} ms {flops/sf/1e12:.0f} TFLOP/s, "
                  f"bwd {sb*1e3:.3f} ms {2.5*flops/sb/1e12:.0f} TFLOP/s")
     print(line, flush=True)
+    if variants:
+        D = tiles(d)[0]
+        for fv in FWD_VARIANTS[D]:
+            t = timed(lambda: flash_fwd(q, k, v, scale, window, None, fv=fv))
+            print(f"  variant {fv[0]}: fwd {t*1e3:.3f} ms {flops/t/1e12:.0f} TFLOP/s", flush=True)
+        for qv in DQ_VARIANTS[D]:
+            t = timed(lambda: bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, None,
+                                         qv=qv))
+            print(f"  variant {qv[0]}: dq {t*1e3:.3f} ms", flush=True)
+        for kv in DKDV_VARIANTS[D]:
+            t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
+                                         kv=kv))
+            print(f"  variant {kv[0]}: dkdv+reduce {t*1e3:.3f} ms", flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="correctness of small shapes only")
+    ap.add_argument("--variants", action="store_true",
+                    help="also check and time the alternative instantiations (FWD_VARIANTS, ...)")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} cupy {cp.__version__} "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
@@ -228,11 +310,12 @@ def main():
         cases += [dict(T=4096, nh=32, nkv=8, d=64), dict(T=4096, nh=32, nkv=8, d=128)]
     ok = True
     for c in cases:
-        ok &= check(**c)
+        ok &= check(**c, variants=args.variants)
     if not args.quick:
         for d in (64, 128):
-            bench(4096, 32, 8, d)
-        bench(4096, 32, 8, 128, window=1024)
+            bench(4096, 32, 8, d, variants=args.variants)
+        bench(4096, 32, 8, 128, window=1024, variants=args.variants)
+        bench(1024, 32, 8, 128, variants=args.variants)
     print("ALL OK" if ok else "FAILURES", flush=True)
     sys.exit(0 if ok else 1)
 

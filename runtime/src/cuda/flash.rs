@@ -5,12 +5,14 @@
 //! `[T, nh, d]`; the backward writes `dqkv [T, nh + 2·nkv, d]` (dq, dk, dv heads, as the op
 //! packs them). The op hands the backward neither O nor the log-sum-exp, so `backward`
 //! recomputes them: forward kernel (O and lse into scratch), `delta = rowsum(dO∘O)`, then one
-//! kernel for dQ per query block and one for dK/dV per key block. No atomics: the result is
-//! bitwise reproducible run to run.
+//! kernel for dQ per query block and one for dK/dV per (key block, query head of the GQA
+//! group), whose f32 partials a small kernel sums over the group in a fixed order. No atomics:
+//! the result is bitwise reproducible run to run.
 //!
-//! Scratch: `backward` allocates O (bf16, T·nh·d) and lse/delta (f32, nh·T each) on the given
-//! stream (stream-ordered allocation where the driver has it) and frees them when it returns;
-//! the work stays queued on the stream, ordered after the kernels that use it.
+//! Scratch: `backward` allocates O (bf16, T·nh·d), lse/delta (f32, nh·T each) and, with GQA,
+//! the dK/dV partials (f32, group·T·2·nkv·d = 2·T·nh·d) on the given stream (stream-ordered
+//! allocation where the driver has it) and frees them when it returns; the work stays queued
+//! on the stream, ordered after the kernels that use it.
 use super::{cuda_err, with_libraries};
 use crate::backend::KernelError;
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
@@ -58,8 +60,10 @@ pub(crate) fn supports(dims: &AttnDims) -> bool {
         // Index sums such as `first key + tile + window` stay below 2·T + 256 in `int`.
         && fits(2 * dims.t + 256)
         && fits(dims.nh + 2 * dims.nkv)
-        // Heads are the grid's y dimension.
-        && dims.nh <= 65535
+        // Grids are one-dimensional: (16-row blocks) × heads CTAs, and the dK/dV reduction's
+        // 4-element groups of T·2·nkv·d.
+        && dims.t.div_ceil(16).checked_mul(dims.nh).is_some_and(fits)
+        && dims.t.checked_mul(2 * dims.nkv * dims.d).is_some_and(|n| fits(n.div_ceil(4)))
         && dims.scale.is_finite()
         && dims.scale > 0.0
         && dims.softcap.is_none_or(|c| c.is_finite() && c > 0.0)
@@ -71,26 +75,43 @@ pub(crate) fn supports(dims: &AttnDims) -> bool {
 struct Tiles {
     /// Padded head width `D`.
     width: usize,
-    /// Warps of the forward kernel (16 query rows each).
+    /// Warps of the forward kernel.
     fwd_warps: usize,
+    /// 16-row query groups per forward warp (2: each K/V fragment serves two groups).
+    fwd_rows: usize,
     /// Key tile of the forward and dQ kernels.
     bc: usize,
-    /// Warps of the backward kernels (16 rows — queries for dQ, keys for dK/dV — each).
+    /// Warps of the backward kernels (16 keys each for dK/dV).
     bwd_warps: usize,
+    /// 16-row query groups per dQ warp.
+    dq_rows: usize,
     /// Query tile of the dK/dV kernel.
     bq: usize,
 }
 
 impl Tiles {
-    /// Measured on an H200 (notes/CUDA.md): 8 forward warps pay off only at `D = 128`.
+    /// Measured on an H200 (notes/CUDA.md): two row groups per forward warp pay off only at
+    /// `D = 128` (1.25×); the instantiations at the end of flash_attn.cu must match.
     fn for_width(width: usize) -> Tiles {
         Tiles {
             width,
-            fwd_warps: if width == 128 { 8 } else { 4 },
+            fwd_warps: 4,
+            fwd_rows: if width == 128 { 2 } else { 1 },
             bc: 64,
             bwd_warps: 4,
+            dq_rows: 1,
             bq: 64,
         }
+    }
+
+    /// Query rows of one forward CTA.
+    fn fwd_block(&self) -> usize {
+        16 * self.fwd_warps * self.fwd_rows
+    }
+
+    /// Query rows of one dQ CTA.
+    fn dq_block(&self) -> usize {
+        16 * self.bwd_warps * self.dq_rows
     }
 
     fn of(d: usize) -> Tiles {
@@ -105,16 +126,25 @@ impl Tiles {
     }
 
     fn fwd_smem(&self) -> usize {
-        (16 * self.fwd_warps + 4 * self.bc) * self.row_bytes()
+        (self.fwd_block() + 4 * self.bc) * self.row_bytes()
     }
 
     fn dq_smem(&self) -> usize {
-        (32 * self.bwd_warps + 4 * self.bc) * self.row_bytes()
+        (2 * self.dq_block() + 4 * self.bc) * self.row_bytes()
     }
 
     fn dkdv_smem(&self) -> usize {
         (32 * self.bwd_warps + 4 * self.bq) * self.row_bytes() + 16 * self.bq
     }
+}
+
+/// CTAs that share one key block of the dK/dV kernel: one per query head of the GQA group.
+/// Measured on an H200 (notes/CUDA.md, T = 4096, 32/8 heads): against one CTA for the whole
+/// group, 1.33× faster at d = 64 and 2.6× at T = 1024, d = 128 (the unsplit grid is a handful
+/// of long CTAs per SM), equal at T = 4096, d = 128; the price is the f32 partials scratch and
+/// the reduction (≈ 1 % of the kernel there).
+fn dkdv_splits(dims: &AttnDims) -> usize {
+    dims.nh / dims.nkv
 }
 
 /// The kernels of one padded width.
@@ -129,6 +159,7 @@ struct WidthKernels {
 pub(crate) struct Flash {
     widths: Vec<WidthKernels>,
     delta: CudaFunction,
+    dkdv_reduce: CudaFunction,
 }
 
 /// Compiles flash_attn.cu with NVRTC for `arch` (`sm_90`); a compile error carries NVRTC's
@@ -208,10 +239,16 @@ impl Flash {
                 dkdv: load(&format!("flash_bwd_dkdv_d{w}"), tiles.dkdv_smem())?,
             });
         }
-        let delta = module
-            .load_function("flash_bwd_delta")
-            .map_err(|e| cuda_err("attention", "kernel `flash_bwd_delta`", e))?;
-        Ok(Flash { widths, delta })
+        let plain = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| cuda_err("attention", &format!("kernel `{name}`"), e))
+        };
+        Ok(Flash {
+            widths,
+            delta: plain("flash_bwd_delta")?,
+            dkdv_reduce: plain("flash_bwd_dkdv_reduce")?,
+        })
     }
 
     fn kernels(&self, d: usize) -> &WidthKernels {
@@ -302,36 +339,72 @@ impl Flash {
         let kern = self.kernels(dims.d);
         let tl = kern.tiles;
         let a = Args::new(dims);
-        for (f, grid, threads, smem, what) in [
-            (
-                &kern.dq,
-                (t.div_ceil(16 * tl.bwd_warps), nh),
-                32 * tl.bwd_warps,
-                tl.dq_smem(),
-                "flash_bwd_dq",
+        let mut b = stream.launch_builder(&kern.dq);
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(g)
+            .arg(&lse)
+            .arg(&delta)
+            .arg(&mut *dqkv);
+        a.push(&mut b);
+        // SAFETY: flash_bwd_dq_d{D}(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale,
+        // window, cap) (DQ in flash_attn.cu); buffer sizes checked above; the shared memory
+        // was granted in `new`.
+        let grid = t.div_ceil(tl.dq_block()) * nh;
+        unsafe { b.launch(config(grid, 32 * tl.bwd_warps, tl.dq_smem())) }
+            .map_err(|e| cuda_err(op, "flash_bwd_dq launch", e))?;
+
+        let nsplit = dkdv_splits(dims);
+        let part_len = 2 * t * nh * dims.d; // nsplit · T · 2·nkv·d
+                                            // SAFETY: with nsplit > 1 the dK/dV kernel writes every (split, key, head, column < d)
+                                            // element of the partials, and the reduction reads only those, in stream order.
+        let mut part = match nsplit {
+            1 => None,
+            _ => Some(
+                unsafe { stream.alloc::<f32>(part_len) }
+                    .map_err(|e| scratch("dK/dV partials", e))?,
             ),
-            (
-                &kern.dkdv,
-                (t.div_ceil(16 * tl.bwd_warps), dims.nkv),
-                32 * tl.bwd_warps,
-                tl.dkdv_smem(),
-                "flash_bwd_dkdv",
-            ),
-        ] {
-            let mut b = stream.launch_builder(f);
-            b.arg(q)
-                .arg(k)
-                .arg(v)
-                .arg(g)
-                .arg(&lse)
-                .arg(&delta)
-                .arg(&mut *dqkv);
-            a.push(&mut b);
-            // SAFETY: the kernels' signature is (q, k, v, go, lse, delta, dqkv, T, nh, nkv, d,
-            // scale, window, cap) (BWD in flash_attn.cu); buffer sizes checked above; the
-            // shared memory was granted in `new`.
-            unsafe { b.launch(config(grid, threads, smem)) }
-                .map_err(|e| cuda_err(op, &format!("{what} launch"), e))?;
+        };
+        let null: u64 = 0;
+        let nsplit_i = nsplit as i32;
+        let mut b = stream.launch_builder(&kern.dkdv);
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(g)
+            .arg(&lse)
+            .arg(&delta)
+            .arg(&mut *dqkv);
+        match part.as_mut() {
+            Some(p) => b.arg(p),
+            None => b.arg(&null),
+        };
+        b.arg(&nsplit_i);
+        a.push(&mut b);
+        let grid = t.div_ceil(16 * tl.bwd_warps) * dims.nkv * nsplit;
+        // SAFETY: flash_bwd_dkdv_d{D}(q, k, v, go, lse, delta, dqkv, part (null when nsplit
+        // is 1, never read then), nsplit, T, nh, nkv, d, scale, window, cap) (DKDV in
+        // flash_attn.cu); part holds nsplit·T·2·nkv·d floats; the shared memory was granted
+        // in `new`.
+        unsafe { b.launch(config(grid, 32 * tl.bwd_warps, tl.dkdv_smem())) }
+            .map_err(|e| cuda_err(op, "flash_bwd_dkdv launch", e))?;
+        if let Some(p) = &part {
+            let groups = (t * 2 * dims.nkv * dims.d).div_ceil(4);
+            let mut b = stream.launch_builder(&self.dkdv_reduce);
+            b.arg(p)
+                .arg(&mut *dqkv)
+                .arg(&a.t)
+                .arg(&a.nh)
+                .arg(&a.nkv)
+                .arg(&a.d)
+                .arg(&nsplit_i)
+                .arg(&a.scale);
+            // SAFETY: flash_bwd_dkdv_reduce(const float* part, u16* dqkv, int T, int nh,
+            // int nkv, int d, int nsplit, float scale); one thread per 4 of the T·2·nkv·d
+            // elements (d % 8 == 0, so they never straddle a head row).
+            unsafe { b.launch(config(groups.div_ceil(256), 256, 0)) }
+                .map_err(|e| cuda_err(op, "flash_bwd_dkdv_reduce launch", e))?;
         }
         Ok(())
     }
@@ -359,7 +432,7 @@ impl Flash {
             None => b.arg(&null),
         };
         a.push(&mut b);
-        let grid = (dims.t.div_ceil(16 * tl.fwd_warps), dims.nh);
+        let grid = dims.t.div_ceil(tl.fwd_block()) * dims.nh;
         // SAFETY: flash_fwd_d{D}(q, k, v, o, lse (may be null), T, nh, nkv, d, scale, window,
         // cap) (FWD in flash_attn.cu); buffer sizes checked by the caller; lse, when given,
         // holds nh·T floats; the shared memory was granted in `new`.
@@ -407,9 +480,11 @@ impl Args {
     }
 }
 
-fn config(grid: (usize, usize), threads: usize, smem: usize) -> LaunchConfig {
+/// A one-dimensional grid: the kernels decode (block, head) from `blockIdx.x` block-major, so
+/// the longest blocks of every head start first (`supports` keeps `grid` within `int`).
+fn config(grid: usize, threads: usize, smem: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        grid_dim: (grid as u32, 1, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     }
@@ -474,6 +549,7 @@ mod tests {
                     }
                 }
                 assert!(src.contains(".entry flash_bwd_delta("));
+                assert!(src.contains(".entry flash_bwd_dkdv_reduce("));
                 assert!(src.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
             }
             Err(e) if e.message.contains("could not be loaded") => {
@@ -515,6 +591,17 @@ mod tests {
             softcap: Some(0.0),
             ..dims(64)
         }));
+        // 2^26 tokens × 1024 heads: 2^32 CTAs of 16 rows, past the one-dimensional grid.
+        assert!(!supports(&AttnDims {
+            t: 1 << 26,
+            nh: 1024,
+            nkv: 1,
+            ..dims(64)
+        }));
+        assert!(supports(&AttnDims {
+            t: 1 << 20,
+            ..dims(128)
+        }));
         let err = check("attention", &dims(12), &[]).unwrap_err();
         assert!(err.message.contains("d % 8 == 0"), "{err}");
     }
@@ -547,6 +634,18 @@ mod tests {
             }
         }
         assert_eq!(Tiles::for_width(128).fwd_smem(), (128 + 256) * 136 * 2);
+    }
+
+    #[test]
+    fn dkdv_splits_the_gqa_group_into_single_heads() {
+        assert_eq!(dkdv_splits(&dims(128)), 4);
+        assert_eq!(
+            dkdv_splits(&AttnDims {
+                nkv: 32,
+                ..dims(128)
+            }),
+            1
+        );
     }
 
     #[test]

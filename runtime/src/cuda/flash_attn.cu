@@ -138,6 +138,49 @@ __device__ __forceinline__ void mma_rn(float (*acc)[4], const u32 (*a)[4], const
     }
 }
 
+// As `mma_nt` for RW row groups of 16 (A rows r·16.. at sA): each B fragment is loaded once and
+// used RW times.
+template <int RW, int KS, int NB, int LD>
+__device__ __forceinline__ void mma_nt_rows(float (*acc)[NB][4], const u16* sA, const u16* sB, int lane) {
+    const u32 a_base = smem_u32(sA + (lane & 15) * LD + (lane >> 4) * 8);
+    const u32 b_base = smem_u32(sB + ((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+        u32 a[RW][4];
+#pragma unroll
+        for (int r = 0; r < RW; ++r) ldsm_x4(a[r], a_base + (r * 16 * LD + ks * 16) * 2);
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4(b, b_base + (nb * 8 * LD + ks * 16) * 2);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                mma16816(acc[r][nb], a[r], b[0], b[1]);
+                mma16816(acc[r][nb + 1], a[r], b[2], b[3]);
+            }
+        }
+    }
+}
+
+// As `mma_rn` for RW row groups (A fragments a[r]): each B fragment loaded once, used RW times.
+template <int RW, int KS, int NB, int LD>
+__device__ __forceinline__ void mma_rn_rows(float (*acc)[NB][4], const u32 (*a)[KS][4], const u16* sB, int lane) {
+    const u32 b_base = smem_u32(sB + ((lane & 7) + (((lane >> 3) & 1) << 3)) * LD + (lane >> 4) * 8);
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks) {
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            u32 b[4];
+            ldsm_x4_t(b, b_base + (ks * 16 * LD + nb * 8) * 2);
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                mma16816(acc[r][nb], a[r][ks], b[0], b[1]);
+                mma16816(acc[r][nb + 1], a[r][ks], b[2], b[3]);
+            }
+        }
+    }
+}
+
 // Accumulator tiles (16 x 16KS, f32) -> A fragments (bf16).
 template <int KS> __device__ __forceinline__ void to_frags(u32 (*f)[4], const float (*acc)[4]) {
 #pragma unroll
@@ -182,23 +225,28 @@ __device__ __forceinline__ bool hidden(int i, int j, int window) {
 __device__ __forceinline__ int first_key(int q0, int window) { return window > 0 ? max(0, q0 - window + 1) : 0; }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: one CTA per (query block of 16·NW rows, head); each warp owns 16 query rows and keeps
-// O (16 x D, f32) in registers while key/value tiles of BC rows stream through shared memory.
+// Forward: one CTA per (query block of 16·RW·NW rows, head); each warp owns RW groups of 16
+// query rows and keeps their O (16 x D each, f32) in registers while key/value tiles of BC rows
+// stream through shared memory. RW = 2 (FlashAttention-2's warp tile) loads each K and V
+// fragment once for two row groups, halving the shared-memory traffic per product, at the
+// price of Q read from shared memory per tile (RW = 1 keeps Q's fragments in registers).
 // Writes lse (log2 units) when `lse` is not null (the backward's recomputation needs it).
-template <int D, int NW, int BC>
+template <int D, int NW, int BC, int RW>
 __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* __restrict__ k,
                                           const u16* __restrict__ v, u16* __restrict__ o, float* __restrict__ lse,
                                           int T, int nh, int nkv, int d, float scale, int window, float cap) {
-    constexpr int BR = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
+    constexpr int WR = 16 * RW, BR = WR * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sK = sQ + BR * LD;
     u16* sV = sK + 2 * BC * LD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    // Longest (last) query blocks first: causal work grows with the block index.
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const int h = blockIdx.y, kh = h / (nh / nkv);
+    // Longest (last) query blocks of every head first: causal work grows with the block index,
+    // and the hardware hands out CTAs in blockIdx order, so a per-head order (head in y) would
+    // start the last head's longest blocks last and leave a tail of them running alone.
+    const int nqb = (T + BR - 1) / BR, h = blockIdx.x % nh, kh = h / (nh / nkv);
+    const int q0 = (nqb - 1 - blockIdx.x / nh) * BR;
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
     const u16* qh = q + (long long)h * d;
     const u16* kp = k + (long long)kh * d;
@@ -210,18 +258,22 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
     load_tile<BC, D, LD, NT>(sV, vp, kt0 * BC, T, ks, d, tid);
     cp_commit();
 
-    float acc[NO][4];
+    float acc[RW][NO][4];
 #pragma unroll
-    for (int i = 0; i < NO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-    const int w0 = q0 + warp * 16;
-    const int rows[2] = {w0 + g, w0 + g + 8};
-    // Q fragments stay in registers for the whole key loop.
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+        for (int i = 0; i < NO; ++i) acc[r][i][0] = acc[r][i][1] = acc[r][i][2] = acc[r][i][3] = 0.0f;
+    float m[RW][2], l[RW][2];
+#pragma unroll
+    for (int r = 0; r < RW; ++r) m[r][0] = m[r][1] = NEG_INF, l[r][0] = l[r][1] = 0.0f;
+    const int w0 = q0 + warp * WR;
+    const u16* sQw = sQ + warp * WR * LD;
     cp_wait<0>();
     __syncthreads();
-    u32 qf[KS][4];
-    {
-        const u32 a_base = smem_u32(sQ + (warp * 16 + (lane & 15)) * LD + (lane >> 4) * 8);
+    // RW = 1: Q fragments stay in registers for the whole key loop.
+    u32 qf[RW == 1 ? KS : 1][4];
+    if constexpr (RW == 1) {
+        const u32 a_base = smem_u32(sQw + (lane & 15) * LD + (lane >> 4) * 8);
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) ldsm_x4(qf[ks], a_base + ks * 32);
     }
@@ -238,100 +290,105 @@ __device__ __forceinline__ void flash_fwd(const u16* __restrict__ q, const u16* 
 
         const int k0 = kt * BC;
         // Whole tile hidden from this warp's rows (a CTA's block spans more keys than a warp's).
-        const bool skip = k0 > w0 + 15 || (window > 0 && w0 - (k0 + BC - 1) >= window);
+        const bool skip = k0 > w0 + WR - 1 || (window > 0 && w0 - (k0 + BC - 1) >= window);
         if (!skip) {
-            float s[NB][4];
+            float s[RW][NB][4];
 #pragma unroll
-            for (int i = 0; i < NB; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-            mma_rt<KS, NB, LD>(s, qf, sK + buf * BC * LD, lane);
-            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+            for (int r = 0; r < RW; ++r)
+#pragma unroll
+                for (int i = 0; i < NB; ++i) s[r][i][0] = s[r][i][1] = s[r][i][2] = s[r][i][3] = 0.0f;
+            if constexpr (RW == 1) {
+                mma_rt<KS, NB, LD>(s[0], qf, sK + buf * BC * LD, lane);
+            } else {
+                mma_nt_rows<RW, KS, NB, LD>(s, sQw, sK + buf * BC * LD, lane);
+            }
+            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + WR - 1 - k0 >= window);
             // Interior tiles without soft-cap (most of the work) keep raw scores: the row max is
             // taken raw (scale > 0 keeps the order) and scaling folds into the exponent's FMA.
             const bool raw = !mask && cl2 <= 0.0f;
-            float mx[2] = {m[0], m[1]};
-            if (raw) {
-                float tmx[2] = {NEG_INF, NEG_INF};
+            u32 p[RW][BC / 16][4];
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-                    tmx[0] = fmaxf(tmx[0], fmaxf(s[nb][0], s[nb][1]));
-                    tmx[1] = fmaxf(tmx[1], fmaxf(s[nb][2], s[nb][3]));
-                }
-                mx[0] = fmaxf(mx[0], tmx[0] * sl2);
-                mx[1] = fmaxf(mx[1], tmx[1] * sl2);
-            } else {
+            for (int r = 0; r < RW; ++r) {
+                const int rows[2] = {w0 + r * 16 + g, w0 + r * 16 + g + 8};
+                float mx[2] = {m[r][0], m[r][1]};
+                if (raw) {
+                    float tmx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
+                    for (int nb = 0; nb < NB; ++nb) {
+                        tmx[0] = fmaxf(tmx[0], fmaxf(s[r][nb][0], s[r][nb][1]));
+                        tmx[1] = fmaxf(tmx[1], fmaxf(s[r][nb][2], s[r][nb][3]));
+                    }
+                    mx[0] = fmaxf(mx[0], tmx[0] * sl2);
+                    mx[1] = fmaxf(mx[1], tmx[1] * sl2);
+                } else {
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        float dc;
-                        float x = score2(s[nb][r], sl2, sc, cl2, &dc);
-                        if (mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window)) x = NEG_INF;
-                        s[nb][r] = x;
-                        mx[r >> 1] = fmaxf(mx[r >> 1], x);
+                    for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            float dc;
+                            float x = score2(s[r][nb][e], sl2, sc, cl2, &dc);
+                            if (mask && hidden(rows[e >> 1], k0 + nb * 8 + 2 * t4 + (e & 1), window)) x = NEG_INF;
+                            s[r][nb][e] = x;
+                            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                        }
                     }
                 }
-            }
-            float corr[2], base[2], rs[2] = {0.0f, 0.0f};
+                float corr[2], base[2], rs[2] = {0.0f, 0.0f};
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
-                mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
-                // A row with nothing visible yet keeps max −inf; exp2(−inf − 0) = 0 keeps it empty.
-                base[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
-                corr[i] = ex2(m[i] - base[i]);
-                m[i] = mx[i];
-            }
-            if (raw) {
+                for (int i = 0; i < 2; ++i) {
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 1));
+                    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffff, mx[i], 2));
+                    // A row with nothing visible yet keeps max −inf; exp2(−inf − 0) = 0 keeps it empty.
+                    base[i] = mx[i] == NEG_INF ? 0.0f : mx[i];
+                    corr[i] = ex2(m[r][i] - base[i]);
+                    m[r][i] = mx[i];
+                }
 #pragma unroll
                 for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        s[nb][r] = ex2(fmaf(s[nb][r], sl2, -base[r >> 1]));
-                        rs[r >> 1] += s[nb][r];
+                    for (int e = 0; e < 4; ++e) {
+                        const float x = s[r][nb][e];
+                        s[r][nb][e] = raw ? ex2(fmaf(x, sl2, -base[e >> 1])) : ex2(x - base[e >> 1]);
+                        rs[e >> 1] += s[r][nb][e];
                     }
                 }
-            } else {
 #pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
+                for (int i = 0; i < 2; ++i) l[r][i] = l[r][i] * corr[i] + rs[i];
 #pragma unroll
-                    for (int r = 0; r < 4; ++r) {
-                        s[nb][r] = ex2(s[nb][r] - base[r >> 1]);
-                        rs[r >> 1] += s[nb][r];
-                    }
+                for (int no = 0; no < NO; ++no) {
+                    acc[r][no][0] *= corr[0];
+                    acc[r][no][1] *= corr[0];
+                    acc[r][no][2] *= corr[1];
+                    acc[r][no][3] *= corr[1];
                 }
+                to_frags<BC / 16>(p[r], s[r]);
             }
-#pragma unroll
-            for (int i = 0; i < 2; ++i) l[i] = l[i] * corr[i] + rs[i];
-#pragma unroll
-            for (int no = 0; no < NO; ++no) {
-                acc[no][0] *= corr[0];
-                acc[no][1] *= corr[0];
-                acc[no][2] *= corr[1];
-                acc[no][3] *= corr[1];
-            }
-            u32 p[BC / 16][4];
-            to_frags<BC / 16>(p, s);
-            mma_rn<BC / 16, NO, LD>(acc, p, sV + buf * BC * LD, lane);
+            mma_rn_rows<RW, BC / 16, NO, LD>(acc, p, sV + buf * BC * LD, lane);
         }
         __syncthreads();
     }
 
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 1);
-        l[i] += __shfl_xor_sync(0xffffffff, l[i], 2);
-    }
-    const float inv[2] = {l[0] > 0.0f ? 1.0f / l[0] : 0.0f, l[1] > 0.0f ? 1.0f / l[1] : 0.0f};
+    for (int r = 0; r < RW; ++r) {
+        const int rows[2] = {w0 + r * 16 + g, w0 + r * 16 + g + 8};
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (rows[i] >= T) continue;
-        u16* orow = o + (long long)rows[i] * qs + (long long)h * d;
-#pragma unroll
-        for (int no = 0; no < NO; ++no) {
-            const int col = no * 8 + 2 * t4;
-            if (col < d) *(u32*)(orow + col) = pack_bf16(acc[no][2 * i] * inv[i], acc[no][2 * i + 1] * inv[i]);
+        for (int i = 0; i < 2; ++i) {
+            l[r][i] += __shfl_xor_sync(0xffffffff, l[r][i], 1);
+            l[r][i] += __shfl_xor_sync(0xffffffff, l[r][i], 2);
         }
-        if (lse != 0 && t4 == 0) lse[(long long)h * T + rows[i]] = m[i] + log2f(l[i]);
+        const float inv[2] = {l[r][0] > 0.0f ? 1.0f / l[r][0] : 0.0f, l[r][1] > 0.0f ? 1.0f / l[r][1] : 0.0f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (rows[i] >= T) continue;
+            u16* orow = o + (long long)rows[i] * qs + (long long)h * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d)
+                    *(u32*)(orow + col) = pack_bf16(acc[r][no][2 * i] * inv[i], acc[r][no][2 * i + 1] * inv[i]);
+            }
+            if (lse != 0 && t4 == 0) lse[(long long)h * T + rows[i]] = m[r][i] + log2f(l[r][i]);
+        }
     }
 }
 
@@ -351,15 +408,16 @@ extern "C" __global__ void flash_bwd_delta(const u16* __restrict__ o, const u16*
 }
 
 // ---------------------------------------------------------------------------------------------
-// dQ: one CTA per (query block, head), the forward's tiling. Per key tile:
+// dQ: one CTA per (query block, head), the forward's tiling; each warp owns RW groups of 16 query
+// rows (RW = 2 shares every K and V fragment between two row groups, as the forward). Per key tile:
 // S = Q·Kᵀ, dP = dO·Vᵀ, P = exp2(S₂ − lse), dS = P∘(dP − delta)∘cap', dQ += dS·K; dQ·scale at the end.
-template <int D, int NW, int BC>
+template <int D, int NW, int BC, int RW>
 __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u16* __restrict__ k,
                                              const u16* __restrict__ v, const u16* __restrict__ go,
                                              const float* __restrict__ lse, const float* __restrict__ delta,
                                              u16* __restrict__ dqkv, int T, int nh, int nkv, int d, float scale,
                                              int window, float cap) {
-    constexpr int BR = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
+    constexpr int WR = 16 * RW, BR = WR * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BC / 8, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sQ = smem;
     u16* sG = sQ + BR * LD;
@@ -367,8 +425,8 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
     u16* sV = sK + 2 * BC * LD;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * BR;
-    const int h = blockIdx.y, kh = h / (nh / nkv);
+    const int nqb = (T + BR - 1) / BR, h = blockIdx.x % nh, kh = h / (nh / nkv);
+    const int q0 = (nqb - 1 - blockIdx.x / nh) * BR;  // longest first, as the forward
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
     const u16* kp = k + (long long)kh * d;
     const u16* vp = v + (long long)kh * d;
@@ -380,18 +438,22 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
     load_tile<BC, D, LD, NT>(sV, vp, kt0 * BC, T, ks, d, tid);
     cp_commit();
 
-    const int w0 = q0 + warp * 16;
-    const int rows[2] = {w0 + g, w0 + g + 8};
-    float L[2], Dl[2];
+    const int w0 = q0 + warp * WR;
+    float L[RW][2], Dl[RW][2];
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        // Padded rows: dO is zero there, so dS is zero whatever P is.
-        L[i] = rows[i] < T ? lse[(long long)h * T + rows[i]] : 0.0f;
-        Dl[i] = rows[i] < T ? delta[(long long)h * T + rows[i]] : 0.0f;
-    }
-    float dq[NO][4];
+    for (int r = 0; r < RW; ++r)
 #pragma unroll
-    for (int i = 0; i < NO; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+        for (int i = 0; i < 2; ++i) {
+            // Padded rows: dO is zero there, so dS is zero whatever P is.
+            const int row = w0 + r * 16 + g + 8 * i;
+            L[r][i] = row < T ? lse[(long long)h * T + row] : 0.0f;
+            Dl[r][i] = row < T ? delta[(long long)h * T + row] : 0.0f;
+        }
+    float dq[RW][NO][4];
+#pragma unroll
+    for (int r = 0; r < RW; ++r)
+#pragma unroll
+        for (int i = 0; i < NO; ++i) dq[r][i][0] = dq[r][i][1] = dq[r][i][2] = dq[r][i][3] = 0.0f;
 
     for (int kt = kt0; kt < kt1; ++kt) {
         const int buf = (kt - kt0) & 1;
@@ -404,60 +466,76 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
         __syncthreads();
 
         const int k0 = kt * BC;
-        const bool skip = k0 > w0 + 15 || (window > 0 && w0 - (k0 + BC - 1) >= window);
+        const bool skip = k0 > w0 + WR - 1 || (window > 0 && w0 - (k0 + BC - 1) >= window);
         if (!skip) {
-            float s[NB][4], dp[NB][4];
+            float s[RW][NB][4], dp[RW][NB][4];
 #pragma unroll
-            for (int i = 0; i < NB; ++i) {
-                s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
-                dp[i][0] = dp[i][1] = dp[i][2] = dp[i][3] = 0.0f;
-            }
-            mma_nt<KS, NB, LD>(s, sQ + warp * 16 * LD, sK + buf * BC * LD, lane);
-            mma_nt<KS, NB, LD>(dp, sG + warp * 16 * LD, sV + buf * BC * LD, lane);
-            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
+            for (int r = 0; r < RW; ++r)
 #pragma unroll
-            for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    float dc;
-                    const float x = score2(s[nb][r], sl2, sc, cl2, &dc);
-                    const bool hid = mask && hidden(rows[r >> 1], k0 + nb * 8 + 2 * t4 + (r & 1), window);
-                    const float p = hid ? 0.0f : ex2(x - L[r >> 1]);
-                    s[nb][r] = p * (dp[nb][r] - Dl[r >> 1]) * dc;
+                for (int i = 0; i < NB; ++i) {
+                    s[r][i][0] = s[r][i][1] = s[r][i][2] = s[r][i][3] = 0.0f;
+                    dp[r][i][0] = dp[r][i][1] = dp[r][i][2] = dp[r][i][3] = 0.0f;
                 }
+            mma_nt_rows<RW, KS, NB, LD>(s, sQ + warp * WR * LD, sK + buf * BC * LD, lane);
+            mma_nt_rows<RW, KS, NB, LD>(dp, sG + warp * WR * LD, sV + buf * BC * LD, lane);
+            const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + WR - 1 - k0 >= window);
+            u32 f[RW][BC / 16][4];
+#pragma unroll
+            for (int r = 0; r < RW; ++r) {
+                const int rows[2] = {w0 + r * 16 + g, w0 + r * 16 + g + 8};
+#pragma unroll
+                for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float dc;
+                        const float x = score2(s[r][nb][e], sl2, sc, cl2, &dc);
+                        const bool hid = mask && hidden(rows[e >> 1], k0 + nb * 8 + 2 * t4 + (e & 1), window);
+                        const float p = hid ? 0.0f : ex2(x - L[r][e >> 1]);
+                        s[r][nb][e] = p * (dp[r][nb][e] - Dl[r][e >> 1]) * dc;
+                    }
+                }
+                to_frags<BC / 16>(f[r], s[r]);
             }
-            u32 f[BC / 16][4];
-            to_frags<BC / 16>(f, s);
-            mma_rn<BC / 16, NO, LD>(dq, f, sK + buf * BC * LD, lane);
+            mma_rn_rows<RW, BC / 16, NO, LD>(dq, f, sK + buf * BC * LD, lane);
         }
         __syncthreads();
     }
 
     const long long os = (long long)(nh + 2 * nkv) * d;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (rows[i] >= T) continue;
-        u16* orow = dqkv + (long long)rows[i] * os + (long long)h * d;
+    for (int r = 0; r < RW; ++r)
 #pragma unroll
-        for (int no = 0; no < NO; ++no) {
-            const int col = no * 8 + 2 * t4;
-            if (col < d) *(u32*)(orow + col) = pack_bf16(dq[no][2 * i] * scale, dq[no][2 * i + 1] * scale);
+        for (int i = 0; i < 2; ++i) {
+            const int row = w0 + r * 16 + g + 8 * i;
+            if (row >= T) continue;
+            u16* orow = dqkv + (long long)row * os + (long long)h * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d)
+                    *(u32*)(orow + col) = pack_bf16(dq[r][no][2 * i] * scale, dq[r][no][2 * i + 1] * scale);
+            }
         }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
-// dK, dV: one CTA per (key block of 16·NW keys, KV head); each warp owns 16 keys and keeps their
-// dK and dV (16 x D each, f32) in registers over every query head of the group and every query
-// tile of BQ rows that can see the block (causal: from the block on; window: up to w past it).
+// dK, dV: one CTA per (key block of 16·NW keys, KV head, split of the GQA group); each warp owns
+// 16 keys and keeps their dK and dV (16 x D each, f32) in registers over the split's query heads
+// (group / nsplit of them) and every query tile of BQ rows that can see the block (causal: from
+// the block on; window: up to w past it).
 // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ, Pᵀ = exp2(Sᵀ₂ − lse), dV += Pᵀ·dO, dSᵀ = Pᵀ∘(dPᵀ − delta)∘cap',
 // dK += dSᵀ·Q; dK·scale at the end.
+// nsplit == 1: dK, dV go to dqkv directly. nsplit > 1 (more, shorter CTAs: a causal key block 0
+// otherwise runs group times longer than the average CTA, which at few CTAs per SM is the
+// kernel's length): unscaled f32 partials go to part[split][key][2·nkv·d] (dK heads, then dV
+// heads), and flash_bwd_dkdv_reduce sums the splits in index order — deterministic.
 template <int D, int NW, int BQ>
 __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const u16* __restrict__ k,
                                                const u16* __restrict__ v, const u16* __restrict__ go,
                                                const float* __restrict__ lse, const float* __restrict__ delta,
-                                               u16* __restrict__ dqkv, int T, int nh, int nkv, int d, float scale,
-                                               int window, float cap) {
+                                               u16* __restrict__ dqkv, float* __restrict__ part, int nsplit,
+                                               int T, int nh, int nkv, int d, float scale, int window,
+                                               float cap) {
     constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BQ / 8, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
@@ -468,18 +546,20 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
     float* sD = sL + 2 * BQ;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    const int k0 = blockIdx.x * BK;  // block 0 sees the most queries: it starts first
-    const int kh = blockIdx.y, group = nh / nkv;
+    // Key block 0 sees the most queries: block-major order starts every head's first block first.
+    const int per_block = nkv * nsplit, split = blockIdx.x % nsplit;
+    const int k0 = (blockIdx.x / per_block) * BK, kh = (blockIdx.x % per_block) / nsplit;
+    const int group = nh / nkv, heads = group / nsplit, h0 = kh * group + split * heads;
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
     const int qend = window > 0 ? min(T, k0 + BK - 1 + window) : T;
-    const int qt0 = k0 / BQ, nq = (qend + BQ - 1) / BQ - qt0, total = group * nq;
+    const int qt0 = k0 / BQ, nq = (qend + BQ - 1) / BQ - qt0, total = heads * nq;
 
     load_tile<BK, D, LD, NT>(sK, k + (long long)kh * d, k0, T, ks, d, tid);
     load_tile<BK, D, LD, NT>(sV, v + (long long)kh * d, k0, T, ks, d, tid);
     // Query tile `it` (head-major over the group) into buffer `b`, statistics included: all
     // asynchronous (a plain load here would stall every iteration on global latency).
     auto load_q = [&](int it, int b) {
-        const int h = kh * group + it / nq, i0 = (qt0 + it % nq) * BQ;
+        const int h = h0 + it / nq, i0 = (qt0 + it % nq) * BQ;
         load_tile<BQ, D, LD, NT>(sQ + b * BQ * LD, q + (long long)h * d, i0, T, qs, d, tid);
         load_tile<BQ, D, LD, NT>(sG + b * BQ * LD, go + (long long)h * d, i0, T, qs, d, tid);
         for (int r = tid; r < BQ; r += NT) {
@@ -569,6 +649,23 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
         __syncthreads();
     }
 
+    if (nsplit > 1) {
+        const long long ps = 2LL * nkv * d;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (keys[i] >= T) continue;
+            float* prow = part + ((long long)split * T + keys[i]) * ps + (long long)kh * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d) {
+                    *(float2*)(prow + col) = make_float2(dk[no][2 * i], dk[no][2 * i + 1]);
+                    *(float2*)(prow + (long long)nkv * d + col) = make_float2(dv[no][2 * i], dv[no][2 * i + 1]);
+                }
+            }
+        }
+        return;
+    }
     const long long os = (long long)(nh + 2 * nkv) * d;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -586,33 +683,69 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
     }
 }
 
+// dK, dV of flash_bwd_dkdv's partials: 4 elements per thread of [T, 2·nkv·d], the splits summed in
+// index order, dK scaled after the sum (as the unsplit kernel scales its register sum).
+extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part, u16* __restrict__ dqkv,
+                                                 int T, int nh, int nkv, int d, int nsplit, float scale) {
+    const long long ps = 2LL * nkv * d, n = (long long)T * ps;
+    const long long e = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    if (e >= n) return;
+    float4 sum = *(const float4*)(part + e);
+    for (int s = 1; s < nsplit; ++s) {
+        const float4 x = *(const float4*)(part + (long long)s * n + e);
+        sum.x += x.x;
+        sum.y += x.y;
+        sum.z += x.z;
+        sum.w += x.w;
+    }
+    const long long row = e / ps, within = e % ps;
+    const float f = within < (long long)nkv * d ? scale : 1.0f;
+    // d % 8 == 0: the 4 elements are in one head row, 8-byte aligned in dqkv.
+    *(uint2*)(dqkv + row * (nh + 2LL * nkv) * d + (long long)nh * d + within) =
+        make_uint2(pack_bf16(sum.x * f, sum.y * f), pack_bf16(sum.z * f, sum.w * f));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entry points, one per (tile width D, warps NW, inner tile BC or BQ). The host (flash.rs
 // `Tiles`, scripts/flash_check.py `tiles`) derives grid and shared memory from the same numbers:
-//   fwd:  grid (ceil(T / 16NW), nh),  block 32NW, smem (16NW + 4BC)·(D+8)·2
-//   dq:   grid (ceil(T / 16NW), nh),  block 32NW, smem (32NW + 4BC)·(D+8)·2
-//   dkdv: grid (ceil(T / 16NW), nkv), block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
-#define FWD(name, D, NW, BC)                                                                                   \
+//   fwd:    grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (16·RW·NW + 4BC)·(D+8)·2
+//   dq:     grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (32·RW·NW + 4BC)·(D+8)·2
+//   dkdv:   grid ceil(T / 16NW)·nkv·nsplit,  block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+//   reduce: grid ceil(T·2nkv·d / 4 / 256),   block 256 (only where nsplit > 1)
+#define FWD(name, D, NW, BC, RW)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, u16* o, float* lse, int T, int nh, int nkv, int d,          \
         float scale, int window, float cap) {                                                                  \
-        flash_fwd<D, NW, BC>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                              \
+        flash_fwd<D, NW, BC, RW>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                          \
     }
-#define BWD(name, fn, D, NW, B)                                                                                \
+#define DQ(name, D, NW, BC, RW)                                                                                \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, int T, int nh, int nkv, int d, float scale, int window, float cap) {                        \
-        fn<D, NW, B>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);                        \
+        flash_bwd_dq<D, NW, BC, RW>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);         \
+    }
+#define DKDV(name, D, NW, BQ, MINB)                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) name(                                                \
+        const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
+        u16* dqkv, float* part, int nsplit, int T, int nh, int nkv, int d, float scale, int window,            \
+        float cap) {                                                                                           \
+        flash_bwd_dkdv<D, NW, BQ>(q, k, v, go, lse, delta, dqkv, part, nsplit, T, nh, nkv, d, scale, window,   \
+                                  cap);                                                                        \
     }
 
-// Measured on an H200 (notes/CUDA.md): 8 warps pay off in the forward only at D = 128; the
-// backward kernels are fastest with 4 (register-bound: dK and dV, or dQ, plus two score tiles).
-FWD(flash_fwd_d32, 32, 4, 64)
-FWD(flash_fwd_d64, 64, 4, 64)
-FWD(flash_fwd_d128, 128, 8, 64)
-BWD(flash_bwd_dq_d32, flash_bwd_dq, 32, 4, 64)
-BWD(flash_bwd_dq_d64, flash_bwd_dq, 64, 4, 64)
-BWD(flash_bwd_dq_d128, flash_bwd_dq, 128, 4, 64)
-BWD(flash_bwd_dkdv_d32, flash_bwd_dkdv, 32, 4, 64)
-BWD(flash_bwd_dkdv_d64, flash_bwd_dkdv, 64, 4, 64)
-BWD(flash_bwd_dkdv_d128, flash_bwd_dkdv, 128, 4, 64)
+// Measured on an H200 (notes/CUDA.md): at D = 128 the forward's 2 row groups per warp (4 warps)
+// beat 1 group with 8 warps by 1.25x; at D = 64 they gain 2 % in the forward and in dQ (noise,
+// for 238-255 registers instead of 136-168). The backward kernels are fastest with 4 warps and
+// 16 rows each (register-bound: dK and dV, or dQ, plus two score tiles); a dK/dV query tile
+// of 32, or 8 warps, lost 8-12 %. __launch_bounds__(.., 3) keeps dK/dV at D = 64 at 168
+// registers (3 CTAs per SM; the split's epilogue had pushed it to 220).
+FWD(flash_fwd_d32, 32, 4, 64, 1)
+FWD(flash_fwd_d64, 64, 4, 64, 1)
+FWD(flash_fwd_d128, 128, 4, 64, 2)
+DQ(flash_bwd_dq_d32, 32, 4, 64, 1)
+DQ(flash_bwd_dq_d64, 64, 4, 64, 1)
+DQ(flash_bwd_dq_d128, 128, 4, 64, 1)
+DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
+DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
+DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
+
