@@ -13,7 +13,7 @@
 //! the dK/dV partials (f32, group·T·2·nkv·d = 2·T·nh·d) on the given stream (stream-ordered
 //! allocation where the driver has it) and frees them when it returns; the work stays queued
 //! on the stream, ordered after the kernels that use it.
-use super::{cuda_err, with_libraries};
+use super::cuda_err;
 use crate::backend::KernelError;
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use cudarc::driver::{
@@ -165,26 +165,7 @@ pub(crate) struct Flash {
 /// Compiles flash_attn.cu with NVRTC for `arch` (`sm_90`); a compile error carries NVRTC's
 /// log. Needs only libnvrtc (no GPU).
 pub(crate) fn compile_flash(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, KernelError> {
-    with_libraries(|| {
-        cudarc::nvrtc::compile_ptx_with_opts(
-            SOURCE,
-            cudarc::nvrtc::CompileOptions {
-                arch: Some(arch),
-                name: Some("qplc_flash_attn.cu".into()),
-                ..Default::default()
-            },
-        )
-        .map_err(|e| match e {
-            cudarc::nvrtc::CompileError::CompileError { log, options, .. } => KernelError::new(
-                "nvrtc",
-                format!(
-                    "flash_attn.cu does not compile (options {options:?}):\n{}",
-                    log.to_string_lossy()
-                ),
-            ),
-            other => cuda_err("nvrtc", "flash_attn.cu", other),
-        })
-    })
+    super::nvrtc_cache::compile_with(SOURCE, arch, "flash_attn.cu", true)
 }
 
 /// `sm_90` → 90; `None` for a string that is not `sm_<digits>`.

@@ -12,12 +12,6 @@ use crate::backend::KernelError;
 use cudarc::nvrtc::Ptx;
 use std::path::PathBuf;
 
-/// What every compile is given beyond the architecture (part of the cache key).
-/// `fmad=false`: no multiply-add contraction, so `a·b + c` rounds twice as the CPU backend
-/// (and each unfused kernel) does; a fused chain of f32 steps then gives exactly the bits
-/// of the ops run one by one.
-const OPTIONS: &str = "fmad=false";
-
 /// 64-bit FNV-1a: stable across Rust versions and platforms, unlike `DefaultHasher`.
 pub(crate) fn fnv1a(parts: &[&str]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -45,9 +39,23 @@ fn cache_dir() -> Option<PathBuf> {
 }
 
 /// PTX for `src` compiled for `arch` (`sm_90`), from the disk cache when present.
-/// `label` names the source in errors (`kernels.cu (bf16 storage)`).
+/// `label` names the source in errors (`kernels.cu (bf16 storage)`). No multiply-add
+/// contraction (`fmad=false`): `a·b + c` rounds twice, as the CPU backend and each unfused
+/// kernel do, so a fused chain of f32 steps gives exactly the bits of its ops one by one.
 pub(crate) fn compile(src: &str, arch: &'static str, label: &str) -> Result<Ptx, KernelError> {
-    let key = format!("{:016x}-{arch}.ptx", fnv1a(&[src, arch, OPTIONS]));
+    compile_with(src, arch, label, false)
+}
+
+/// `compile` with the contraction choice: the flash-attention kernels keep NVRTC's default
+/// (`fmad=true`), which their speed and measured precision assume.
+pub(crate) fn compile_with(
+    src: &str,
+    arch: &'static str,
+    label: &str,
+    fmad: bool,
+) -> Result<Ptx, KernelError> {
+    let options = format!("fmad={fmad}");
+    let key = format!("{:016x}-{arch}.ptx", fnv1a(&[src, arch, &options]));
     let path = cache_dir().map(|d| d.join(&key));
     if let Some(p) = &path {
         if let Ok(text) = std::fs::read_to_string(p) {
@@ -63,7 +71,7 @@ pub(crate) fn compile(src: &str, arch: &'static str, label: &str) -> Result<Ptx,
             owned,
             cudarc::nvrtc::CompileOptions {
                 arch: Some(arch),
-                fmad: Some(false),
+                fmad: Some(fmad),
                 name: Some(format!("qplc_{}.cu", label_owned.replace(' ', "_"))),
                 ..Default::default()
             },
