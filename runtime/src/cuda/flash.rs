@@ -505,6 +505,7 @@ fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cuda::with_libraries;
 
     fn dims(d: usize) -> AttnDims {
         AttnDims {
