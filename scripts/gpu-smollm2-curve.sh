@@ -4,20 +4,31 @@
 # once, then the two loss curves side by side (`qplc cuda-check --compare-runs`) and as CSV.
 #
 # The device machine has no internet and no Rust, and a call carries at most 64 MiB, so the
-# 98 MB GGUF travels in two pieces over two calls (the first piece stays on the warm machine).
+# 98 MB GGUF (incompressible: xz saves 4 %) travels in two pieces over two calls.
 # Here, before the calls (DIR = /work/main/.gpu/curve, A = /work/main/.gpu/curve-a):
 #   cargo build --release --features cuda -p qplc && strip -o DIR/qplc target/release/qplc && xz -T2 DIR/qplc
 #   split -b 52000000 -d ~/.cache/qplc/SmolLM2-135M-Instruct.Q4_1.gguf gguf.part  # part00 -> A, part01 -> DIR
 #   pip download --no-deps gguf==0.19.0 -d A          # transformers' GGUF loader needs it
 #   cp scripts/gpu-smollm2-curve.sh scripts/fetch_smollm2.py examples/lora.toml DIR/
 #   cp ~/.cache/qplc/hamlet.txt DIR/                  # scripts/fetch_text.py's output
-# Call 1 carries A (and checks it arrived); call 2 carries DIR and runs `cd .gpu/curve && ./gpu-smollm2-curve.sh`.
+# The device copy of the repository does not keep A from one call to the next (tried
+# 2026-12-01: `.gpu/curve-a` was gone in the next call on the still-warm machine), so call 1
+# stashes it in /tmp (expected to last while the machine is held; not yet tried), and call 2
+# must follow within the machine's 30 s warm time:
+#   call 1, carry [".gpu/curve-a"]: bash .gpu/curve-a/gpu-smollm2-curve.sh stash   (copy the script into A too)
+#   call 2, carry [".gpu/curve"]:   bash .gpu/curve/gpu-smollm2-curve.sh
 # Anywhere else with the model and text fetched, from a folder holding qplc and lora.toml
 # laid out as below, the script skips the GGUF steps it finds done. Results go to $OUT.
 set -u
 cd "$(dirname "$0")"
 OUT=${OUT:-$PWD/out}
+STASH=/tmp/qplc-curve-a
+if [ "${1:-}" = stash ]; then
+    mkdir -p "$STASH" && cp gguf.part00 gguf-*.whl "$STASH"/ && ls -la "$STASH"
+    exit
+fi
 PARTS_A=${PARTS_A:-../curve-a}
+[ -f "$PARTS_A/gguf.part00" ] || PARTS_A=$STASH
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 libdirs=""
@@ -41,7 +52,7 @@ mkdir -p cache target/smollm2 examples
 if [ ! -f target/smollm2/smollm2-hf/.qplc-converted.json ]; then
     ls -la "$PARTS_A" . | grep -E "gguf|total|:$"
     if [ ! -f "$PARTS_A/gguf.part00" ] || [ ! -f gguf.part01 ]; then
-        echo "GGUF piece missing: $PARTS_A/gguf.part00 (first call's carry; machine not kept warm?) or ./gguf.part01"
+        echo "GGUF piece missing: ../curve-a/gguf.part00 or $STASH/gguf.part00 (call 1's stash: machine given back in between?), or ./gguf.part01"
         exit 2
     fi
     cat "$PARTS_A/gguf.part00" gguf.part01 > "$GGUF"
