@@ -41,7 +41,9 @@ export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 echo "cores: $(nproc); $(date -u)"
 
-[ -f qplc ] || { [ -f qplc.xz ] && xz -d qplc.xz; }
+# Python's lzma rather than xz(1), which the device image may lack.
+[ -f qplc ] || { [ -f qplc.xz ] && python3 -c 'import lzma, shutil
+with lzma.open("qplc.xz") as s, open("qplc", "wb") as d: shutil.copyfileobj(s, d)'; }
 [ -x qplc ] || chmod +x qplc 2>/dev/null
 [ -x qplc ] || { echo "no qplc binary here"; exit 1; }
 
