@@ -2,94 +2,12 @@
 //! linear (α = r, so each branch has a `Scale{1.0}`), with and without dropout, in bf16 and f32, gives
 //! the same loss and the same gradient bits on the CPU with and without the pass — and the
 //! pass does remove the per-projection f32 casts of shared inputs.
-use qplc_compiler::{build_forward, load_model_def, BuildOptions, Graph};
-use qplc_ops::{dropout, DType, Op};
-use qplc_passes::{
-    append_backward, append_loss, cross_entropy_rules, fuse, simplify, LoraPass, LoraSelection,
-    ModuleMatch, DROPOUT_KEY,
-};
-use qplc_runtime::checkpoint::Checkpoint;
-use qplc_runtime::executor::{Program, RunResult};
-use qplc_runtime::{CpuBackend, HostTensor};
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+mod lora_step_common;
 
-const T: usize = 24;
-
-fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/llama-gqa")
-}
-
-fn lora_graph(dtype: DType, dropout: f64) -> Graph {
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture().join("config.json")).unwrap())
-            .unwrap();
-    let def = load_model_def(Some("llama"), None).unwrap();
-    let mut g = build_forward(&def, &cfg, &BuildOptions { seq_len: T, dtype })
-        .unwrap()
-        .graph;
-    let pass = LoraPass {
-        selection: LoraSelection::new(ModuleMatch::from_config(None), None),
-        rank: 4,
-        alpha: 4.0,
-        rslora: false,
-        rank_of: BTreeMap::new(),
-        alpha_of: BTreeMap::new(),
-        dtype: DType::F32,
-        dropout,
-    };
-    pass.apply(&mut g).unwrap();
-    append_loss(&mut g).unwrap();
-    append_backward(&mut g).unwrap();
-    fuse(&mut g, &cross_entropy_rules()).unwrap();
-    g.verify().unwrap();
-    g
-}
-
-fn weights(g: &Graph) -> HashMap<String, HostTensor> {
-    let ckpt = Checkpoint::open(&fixture()).unwrap();
-    let mut w = HashMap::new();
-    for (name, id) in g.weights() {
-        let Op::Weight { ty, .. } = &g.node(id).op else {
-            unreachable!()
-        };
-        let t = if name.contains("lora_") {
-            // Both factors non-zero, so every branch and every adapter gradient is exercised.
-            let n = ty.shape.numel();
-            let salt = name.len() as f32;
-            let v = (0..n)
-                .map(|i| (i as f32 * 0.37 + salt).sin() * 0.2)
-                .collect();
-            HostTensor::f32(ty.shape.clone(), v)
-        } else {
-            ckpt.load(&name, ty).unwrap()
-        };
-        w.insert(name, t);
-    }
-    w
-}
-
-fn run(g: &Graph, w: &HashMap<String, HostTensor>) -> RunResult {
-    let ids: Vec<i32> = (0..T as i32).map(|i| (i * 11 + 5) % 60).collect();
-    let seed = dropout::micro_batch_seed(42, 3, 0);
-    let inputs: HashMap<&str, HostTensor> = [
-        ("input_ids", HostTensor::i32([T], ids.clone())),
-        (
-            "position_ids",
-            HostTensor::i32([T], (0..T as i32).collect()),
-        ),
-        ("labels", HostTensor::i32([T], ids)),
-        (
-            DROPOUT_KEY,
-            HostTensor::i32([3], dropout::key_words(seed, true).to_vec()),
-        ),
-    ]
-    .into();
-    Program::new(g, &[])
-        .unwrap()
-        .run(&CpuBackend::new(), &|n| w.get(n), &|n| inputs.get(n))
-        .unwrap()
-}
+use lora_step_common::{assert_same_bits, lora_graph, run, weights};
+use qplc_compiler::Graph;
+use qplc_ops::{DType, Op};
+use qplc_passes::simplify;
 
 fn casts_to_f32(g: &Graph) -> usize {
     g.g.node_indices()
@@ -102,7 +20,7 @@ fn simplify_keeps_every_output_bit_and_drops_the_duplicate_casts() {
     // With dropout each branch drops its own copy of the input, so only the casts of the
     // dropout-free graph are duplicates.
     for (dtype, p) in [(DType::BF16, 0.0), (DType::BF16, 0.25), (DType::F32, 0.25)] {
-        let plain = lora_graph(dtype, p);
+        let plain = lora_graph(dtype, p, 4.0);
         let mut simple = plain.clone();
         let stats = simplify(&mut simple).unwrap();
         simple.verify().unwrap();
@@ -120,15 +38,7 @@ fn simplify_keeps_every_output_bit_and_drops_the_duplicate_casts() {
         }
         let w = weights(&plain);
         let (a, b) = (run(&plain, &w), run(&simple, &w));
-        let mut names: Vec<&String> = a.outputs.keys().collect();
-        names.sort();
-        assert_eq!(a.outputs.len(), b.outputs.len());
-        for n in names {
-            let (x, y) = (&a.outputs[n], &b.outputs[n]);
-            assert_eq!(x.ty, y.ty, "{n}");
-            let bits = |t: &HostTensor| t.as_f32().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert!(bits(x) == bits(y), "{dtype}: output `{n}` differs");
-        }
+        assert_same_bits(&a, &b, &format!("{dtype}"));
         eprintln!(
             "{dtype}: {stats:?}; peak activations {} B → {} B",
             a.stats.peak_activation_bytes, b.stats.peak_activation_bytes
