@@ -198,6 +198,13 @@ mod tests {
         Scope::new("m", BlockKind::Decoder, Some(0))
     }
 
+    /// Runs the pass, checks the graph, and returns (groups, nodes fused).
+    fn fuse_checked(g: &mut Graph) -> (usize, usize) {
+        let s = fuse_elementwise(g).unwrap();
+        g.verify().unwrap();
+        (s.groups, s.nodes)
+    }
+
     fn input(g: &mut Graph, name: &str, shape: Vec<usize>, dtype: DType) -> NodeId {
         let ty = TensorType::new(shape, dtype);
         g.add(
@@ -223,15 +230,7 @@ mod tests {
         let act = g.add(Op::Unary(UnaryOp::Silu), &[gate], &s).unwrap();
         let h = g.add(Op::Binary(BinaryOp::Mul), &[act, up], &s).unwrap();
         g.set_output("h", h);
-        let stats = fuse_elementwise(&mut g).unwrap();
-        g.verify().unwrap();
-        assert_eq!(
-            stats,
-            FuseElementwiseStats {
-                groups: 1,
-                nodes: 4
-            }
-        );
+        assert_eq!(fuse_checked(&mut g), (1, 4));
         let h = g.output("h").unwrap();
         // Operands in the order the steps first read them (the cast runs first).
         assert_eq!(g.operands(h), vec![lora, base, up]);
@@ -275,15 +274,7 @@ mod tests {
         for (n, id) in [("scaled", scaled), ("other", other), ("e", e), ("e2", e2)] {
             g.set_output(n, id);
         }
-        let stats = fuse_elementwise(&mut g).unwrap();
-        g.verify().unwrap();
-        assert_eq!(
-            stats,
-            FuseElementwiseStats {
-                groups: 1,
-                nodes: 2
-            }
-        );
+        assert_eq!(fuse_checked(&mut g), (1, 2));
         let scaled = g.output("scaled").unwrap();
         // Broadcast operands (`w` is [5]) are fine.
         assert_eq!(g.operands(scaled), vec![sum, w]);
@@ -306,16 +297,8 @@ mod tests {
         let f = g.add(Op::Cast { to: DType::F32 }, &[ids], &s).unwrap();
         let out = g.add(Op::Binary(BinaryOp::Mul), &[big, f], &s).unwrap();
         g.set_output("out", out);
-        let stats = fuse_elementwise(&mut g).unwrap();
-        g.verify().unwrap();
         // exp is [3, 1] (not the root's shape) and the cast reads an integer: only add·mul.
-        assert_eq!(
-            stats,
-            FuseElementwiseStats {
-                groups: 1,
-                nodes: 2
-            }
-        );
+        assert_eq!(fuse_checked(&mut g), (1, 2));
         assert_eq!(g.operands(g.output("out").unwrap()), vec![small, b, f]);
     }
 }
