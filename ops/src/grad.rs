@@ -246,7 +246,7 @@ impl Op {
                         sliding_window: *sliding_window,
                         softcap: *softcap,
                     },
-                    vec![X(0), X(1), X(2), G],
+                    vec![X(0), X(1), X(2), G, Y],
                 );
                 let (start, end) = match wrt {
                     0 => (0, nh),

@@ -429,7 +429,7 @@ impl Op {
                 sliding_window,
                 softcap,
             } => {
-                arity(4, 4)?;
+                arity(4, 5)?;
                 let fwd = Op::Attention {
                     scale: *scale,
                     sliding_window: *sliding_window,
@@ -440,6 +440,12 @@ impl Op {
                     return Err(err(format!(
                         "the output gradient must be {out}, got {}",
                         operands[3]
+                    )));
+                }
+                if operands.len() == 5 && operands[4] != out {
+                    return Err(err(format!(
+                        "the forward's output must be {out}, got {}",
+                        operands[4]
                     )));
                 }
                 let (q, k) = (&operands[0].shape.0, &operands[1].shape.0);

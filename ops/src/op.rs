@@ -250,7 +250,9 @@ pub enum Op {
     /// vector-Jacobian product): operands `g [T, heads, head_dim]`, `pos [T]`.
     RopeBackward(Rope),
     /// Gradients of `Attention` (same parameters) packed along the head axis: operands `q`,
-    /// `k`, `v`, `g` (the output gradient, q's shape) → `[T, nh + 2·nkv, d]` holding `dq`
+    /// `k`, `v`, `g` (the output gradient, q's shape) and optionally `o`, the forward's output
+    /// on these q, k, v — it changes no value, but a backend that kept the forward's softmax
+    /// statistics with it need not run the forward again → `[T, nh + 2·nkv, d]` holding `dq`
     /// (heads `0..nh`), `dk` (`nh..nh+nkv`) and `dv` (`nh+nkv..`). One kernel computes
     /// all three from one recomputation of the probabilities; the autodiff pass slices them
     /// apart (the IR has single-output nodes).

@@ -206,10 +206,11 @@ pub(crate) fn execute(
                 if let (DevData::BF16(q), DevData::BF16(k), DevData::BF16(v)) =
                     (operands[0].data(), operands[1].data(), operands[2].data())
                 {
-                    let DevData::BF16(o) = out.data_mut() else {
+                    let lse = be.scratch::<f32>(dims.nh * dims.t)?;
+                    let (DevData::BF16(o), lse) = out.data_and_lse(lse) else {
                         unreachable!("flash_for checked the output storage")
                     };
-                    fl.forward(&be.stream, q, k, v, o, &dims)?;
+                    fl.forward(&be.stream, q, k, v, o, Some(lse), &dims)?;
                     return Ok(());
                 }
             }
@@ -230,10 +231,17 @@ pub(crate) fn execute(
                     operands[2].data(),
                     operands[3].data(),
                 ) {
-                    let DevData::BF16(o) = out.data_mut() else {
+                    // The forward's output and statistics when it saved them (operand 4).
+                    let saved = operands
+                        .get(4)
+                        .and_then(|o| match (o.data(), o.attn_lse()) {
+                            (DevData::BF16(o), Some(lse)) => Some((o, lse)),
+                            _ => None,
+                        });
+                    let DevData::BF16(dqkv) = out.data_mut() else {
                         unreachable!("flash_for checked the output storage")
                     };
-                    fl.backward(&be.stream, q, k, v, g, o, &dims)?;
+                    fl.backward(&be.stream, q, k, v, g, saved, dqkv, &dims)?;
                     return Ok(());
                 }
             }
@@ -738,6 +746,9 @@ fn host_ints(
     name: &'static str,
     t: &CudaTensor,
 ) -> Result<Vec<i32>, KernelError> {
+    if let Some(v) = t.host_ints() {
+        return Ok(v.to_vec());
+    }
     let n = t.ty.shape.numel();
     if n == 0 {
         return Ok(Vec::new());

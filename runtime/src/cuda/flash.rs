@@ -241,6 +241,9 @@ impl Flash {
     }
 
     /// `out = softmax(mask(cap(scale·q·kᵀ)))·v` per head, bf16 in and out, f32 inside.
+    /// With `lse` (f32, `nh·T`), also the rows' log-sum-exp in the kernels' units, which
+    /// `backward` takes back with `out` instead of running this forward again.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn forward(
         &self,
         stream: &Arc<CudaStream>,
@@ -248,6 +251,7 @@ impl Flash {
         k: &CudaSlice<u16>,
         v: &CudaSlice<u16>,
         out: &mut CudaSlice<u16>,
+        lse: Option<&mut CudaSlice<f32>>,
         dims: &AttnDims,
     ) -> Result<(), KernelError> {
         let op = "attention";
@@ -261,14 +265,27 @@ impl Flash {
                 ("out", out.len(), dims.nh),
             ],
         )?;
+        if let Some(l) = &lse {
+            if l.len() < dims.nh * dims.t {
+                return Err(KernelError::new(
+                    op,
+                    format!(
+                        "lse holds {} floats, not nh·T = {}",
+                        l.len(),
+                        dims.nh * dims.t
+                    ),
+                ));
+            }
+        }
         if dims.t == 0 || dims.nh == 0 {
             return Ok(());
         }
-        self.launch_forward(op, stream, q, k, v, out, None, dims)
+        self.launch_forward(op, stream, q, k, v, out, lse, dims)
     }
 
     /// Gradients of `forward` for the output gradient `g [T, nh, d]`, packed into
-    /// `dqkv [T, nh + 2·nkv, d]`; every element of `dqkv` is written.
+    /// `dqkv [T, nh + 2·nkv, d]`; every element of `dqkv` is written. `saved` is the output
+    /// and log-sum-exp of `forward` on these very q, k, v (then the forward is not run again).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn backward(
         &self,
@@ -277,6 +294,7 @@ impl Flash {
         k: &CudaSlice<u16>,
         v: &CudaSlice<u16>,
         g: &CudaSlice<u16>,
+        saved: Option<(&CudaSlice<u16>, &CudaSlice<f32>)>,
         dqkv: &mut CudaSlice<u16>,
         dims: &AttnDims,
     ) -> Result<(), KernelError> {
@@ -299,10 +317,28 @@ impl Flash {
         let scratch = |what: &str, e| cuda_err(op, &format!("allocating the {what} scratch"), e);
         // SAFETY: every element of the three buffers is written by the kernels below before
         // any kernel reads it (forward: all of O and lse; delta: all of delta), in stream order.
-        let mut o = unsafe { stream.alloc::<u16>(t * nh * dims.d) }.map_err(|e| scratch("O", e))?;
-        let mut lse = unsafe { stream.alloc::<f32>(nh * t) }.map_err(|e| scratch("lse", e))?;
         let mut delta = unsafe { stream.alloc::<f32>(nh * t) }.map_err(|e| scratch("delta", e))?;
-        self.launch_forward(op, stream, q, k, v, &mut o, Some(&mut lse), dims)?;
+        let recomputed;
+        let (o, lse) = match saved {
+            Some((o, lse)) => {
+                if o.len() < t * nh * dims.d || lse.len() < nh * t {
+                    return Err(KernelError::new(
+                        op,
+                        "the saved forward output or log-sum-exp is smaller than T·nh·d / nh·T",
+                    ));
+                }
+                (o, lse)
+            }
+            None => {
+                let mut o =
+                    unsafe { stream.alloc::<u16>(t * nh * dims.d) }.map_err(|e| scratch("O", e))?;
+                let mut lse =
+                    unsafe { stream.alloc::<f32>(nh * t) }.map_err(|e| scratch("lse", e))?;
+                self.launch_forward(op, stream, q, k, v, &mut o, Some(&mut lse), dims)?;
+                recomputed = (o, lse);
+                (&recomputed.0, &recomputed.1)
+            }
+        };
 
         let (ti, nhi, di) = (t as i32, nh as i32, dims.d as i32);
         let rows_per_block = 8; // one warp per (row, head), 256 threads
@@ -312,7 +348,7 @@ impl Flash {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&self.delta);
-        b.arg(&o).arg(g).arg(&mut delta).arg(&ti).arg(&nhi).arg(&di);
+        b.arg(o).arg(g).arg(&mut delta).arg(&ti).arg(&nhi).arg(&di);
         // SAFETY: flash_bwd_delta(const u16* o, const u16* g, float* delta, int T, int nh,
         // int d); o and g hold T·nh·d elements, delta nh·T (checked above / allocated so).
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(op, "flash_bwd_delta launch", e))?;
@@ -325,7 +361,7 @@ impl Flash {
             .arg(k)
             .arg(v)
             .arg(g)
-            .arg(&lse)
+            .arg(lse)
             .arg(&delta)
             .arg(&mut *dqkv);
         a.push(&mut b);
@@ -354,7 +390,7 @@ impl Flash {
             .arg(k)
             .arg(v)
             .arg(g)
-            .arg(&lse)
+            .arg(lse)
             .arg(&delta)
             .arg(&mut *dqkv);
         match part.as_mut() {
@@ -739,11 +775,36 @@ mod tests {
             let (q_dev, k_dev, v_dev, g_dev) = (up(&q), up(&k), up(&v), up(&g));
             let mut out = stream.alloc_zeros::<u16>(t * nh * d).unwrap();
             let mut dqkv = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
+            let mut lse = stream.alloc_zeros::<f32>(nh * t).unwrap();
+            let mut dqkv_saved = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
             flash
-                .forward(&stream, &q_dev, &k_dev, &v_dev, &mut out, &dims)
+                .forward(
+                    &stream,
+                    &q_dev,
+                    &k_dev,
+                    &v_dev,
+                    &mut out,
+                    Some(&mut lse),
+                    &dims,
+                )
                 .unwrap();
             flash
-                .backward(&stream, &q_dev, &k_dev, &v_dev, &g_dev, &mut dqkv, &dims)
+                .backward(
+                    &stream, &q_dev, &k_dev, &v_dev, &g_dev, None, &mut dqkv, &dims,
+                )
+                .unwrap();
+            let saved = Some((&out, &lse));
+            flash
+                .backward(
+                    &stream,
+                    &q_dev,
+                    &k_dev,
+                    &v_dev,
+                    &g_dev,
+                    saved,
+                    &mut dqkv_saved,
+                    &dims,
+                )
                 .unwrap();
             let down = |s: &CudaSlice<u16>| -> Vec<f32> {
                 let h = stream.clone_dtoh(s).unwrap();
@@ -751,7 +812,14 @@ mod tests {
                     .map(|&b| half::bf16::from_bits(b).to_f32())
                     .collect()
             };
-            let (out, dqkv) = (down(&out), down(&dqkv));
+            let (out, dqkv, dqkv_saved) = (down(&out), down(&dqkv), down(&dqkv_saved));
+            // The forward is deterministic, so its saved statistics are the recomputed ones.
+            assert!(
+                dqkv.iter()
+                    .zip(&dqkv_saved)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{dims:?}: the backward from the saved forward differs from the recomputing one"
+            );
 
             let host = |v: &[f32], heads: usize| HostTensor::f32(vec![t, heads, d], v.to_vec());
             let (hq, hk, hv, hg) = (host(&q, nh), host(&k, nkv), host(&v, nkv), host(&g, nh));

@@ -166,6 +166,13 @@ pub struct CudaTensor {
     pub ty: TensorType,
     data: ManuallyDrop<DevData>,
     pool: Arc<Pool>,
+    /// The values of an integer tensor uploaded from the host. Token ids, labels, positions
+    /// and dropout keys are checked on the host; keeping them here spares a download, which
+    /// would wait for the stream to drain (a rope call did, twice per layer).
+    host_ints: Option<Arc<[i32]>>,
+    /// Flash attention's per-row log-sum-exp of this attention output, kept so the
+    /// backward need not run the forward again (see `Op::AttentionBackward`'s `o`).
+    attn_lse: Option<alloc::Scratch<f32>>,
 }
 
 impl Drop for CudaTensor {
@@ -185,8 +192,31 @@ impl CudaTensor {
         &self.data
     }
 
+    /// The buffer, to be written: what was known about its contents is dropped.
     pub fn data_mut(&mut self) -> &mut DevData {
+        self.host_ints = None;
+        self.attn_lse = None;
         &mut self.data
+    }
+
+    /// The host copy of an uploaded integer tensor's values, when there is one.
+    pub(crate) fn host_ints(&self) -> Option<&[i32]> {
+        self.host_ints.as_deref()
+    }
+
+    /// The log-sum-exp flash attention saved with this output, when it did.
+    pub(crate) fn attn_lse(&self) -> Option<&CudaSlice<f32>> {
+        self.attn_lse.as_deref()
+    }
+
+    /// The buffer to write and a place for its log-sum-exp (flash attention's forward).
+    pub(crate) fn data_and_lse(
+        &mut self,
+        lse: alloc::Scratch<f32>,
+    ) -> (&mut DevData, &mut CudaSlice<f32>) {
+        self.host_ints = None;
+        let lse = self.attn_lse.insert(lse);
+        (&mut self.data, lse)
     }
 
     /// The f32 buffer of a tensor held in f32 storage (f32 and f16 dtypes); an error names
@@ -448,6 +478,8 @@ impl CudaBackend {
             ty: ty.clone(),
             data: ManuallyDrop::new(data),
             pool: self.pool.clone(),
+            host_ints: None,
+            attn_lse: None,
         }
     }
 
@@ -550,7 +582,9 @@ impl Backend for CudaBackend {
                 if n > 0 {
                     self.stream.memcpy_htod(v.as_slice(), &mut s).map_err(err)?;
                 }
-                DevData::I32(s)
+                let mut tensor = self.tensor(&t.ty, DevData::I32(s));
+                tensor.host_ints = Some(v.as_slice().into());
+                return Ok(tensor);
             }
             _ => return Err(bad()),
         };
@@ -635,7 +669,10 @@ impl Backend for CudaBackend {
         if !relabel {
             return Ok(InPlace::Declined(buf));
         }
+        // Same values in the same order: the host copy of integers still holds; the attention
+        // statistics belong to the attention output only.
         buf.ty = out_ty.clone();
+        buf.attn_lse = None;
         Ok(InPlace::Done(buf))
     }
 }
