@@ -112,7 +112,7 @@ impl Op {
                 }
                 let mut out = x.shape.0.clone();
                 *out.last_mut().unwrap() = w.shape.0[0];
-                Ok(TensorType::new(out, x.dtype))
+                Ok(TensorType::new(out, product_dtype(x.dtype, w.dtype)))
             }
             Op::MatMul { ta, tb } => {
                 arity(2, 2)?;
@@ -141,7 +141,8 @@ impl Op {
                 }
                 let mut out = a.0[..r - 2].to_vec();
                 out.extend([m, n]);
-                Ok(TensorType::new(out, operands[0].dtype))
+                let dt = product_dtype(operands[0].dtype, operands[1].dtype);
+                Ok(TensorType::new(out, dt))
             }
             Op::Embedding => {
                 arity(2, 2)?;
@@ -618,9 +619,21 @@ impl Op {
         if let Some(t) = operands.iter().find(|t| !t.dtype.is_float()) {
             return Err(err(format!("operands must be floats, got {t}")));
         }
+        let products = steps.iter().filter(|s| s.op.is_fusable_product()).count();
+        if products > 1 {
+            return Err(err(format!("has {products} product steps; at most one")));
+        }
         let mut types: Vec<TensorType> = Vec::with_capacity(steps.len());
         for (i, st) in steps.iter().enumerate() {
-            if !st.op.is_fusable() {
+            if st.op.is_fusable_product() {
+                let whole =
+                    st.args.len() == 2 && st.args.iter().all(|a| matches!(a, FusedArg::Input(_)));
+                if !whole {
+                    return Err(err(format!(
+                        "step {i}: a product step takes two graph operands"
+                    )));
+                }
+            } else if !st.op.is_fusable() {
                 return Err(err(format!(
                     "step {i}: `{}` is not an elementwise op",
                     st.op.name()
@@ -659,5 +672,16 @@ impl Op {
     ) -> Result<TensorType, OpError> {
         let mut types = self.fused_types(steps, operands)?;
         Ok(types.pop().expect("fused_types checks there is a step"))
+    }
+}
+
+/// The result dtype of a product: the first operand's, except that an f32 operand with a
+/// narrower float one gives f32 — the narrower values widen exactly, so `x · A` with bf16 `x`
+/// and f32 `A` is the f32 product of `Cast(x → f32)` (what the simplify pass folds it into).
+fn product_dtype(a: DType, b: DType) -> DType {
+    if a.is_float() && b.is_float() && (a == DType::F32 || b == DType::F32) {
+        DType::F32
+    } else {
+        a
     }
 }

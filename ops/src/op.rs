@@ -292,6 +292,10 @@ pub enum Op {
     /// graph operands and earlier steps; every step has the output's shape; the last step is
     /// the result. Each step's value is rounded to its own dtype, exactly as the unfused op
     /// would be, so a fused chain computes bit for bit what its steps compute one by one.
+    /// One step may instead be a product ([`Op::is_fusable_product`]) of two graph operands
+    /// (read whole, not elementwise) whose result has the output's shape: its elementwise
+    /// users are then the product's epilogue (a LoRA up-projection `h·Bᵀ` with the cast and
+    /// the add into the base output).
     Fused {
         steps: Vec<FusedStep>,
     },
@@ -398,6 +402,12 @@ impl Op {
             Op::Cast { to } => to.is_float(),
             _ => false,
         }
+    }
+
+    /// Products an [`Op::Fused`] chain may hold as one of its steps: `Linear` without a bias
+    /// and `MatMul`.
+    pub fn is_fusable_product(&self) -> bool {
+        matches!(self, Op::Linear | Op::MatMul { .. })
     }
 
     /// True for ops with no operands whose value comes from outside (inputs, weights).

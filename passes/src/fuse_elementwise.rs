@@ -30,6 +30,9 @@ use std::collections::{HashMap, HashSet};
 pub const MAX_STEPS: usize = 24;
 /// Most distinct operands of one fused node.
 pub const MAX_INPUTS: usize = 12;
+/// Longest inner dimension of a product a group takes in (a LoRA rank): such a product is
+/// bound by writing its result, which it then no longer does.
+pub const MAX_PRODUCT_K: usize = 64;
 
 /// What one run did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,6 +86,27 @@ fn fusable(graph: &Graph, id: NodeId) -> bool {
             .all(|&o| graph.node(o).ty.dtype.is_float())
 }
 
+/// A bias-free product of two f32 operands over at most `MAX_PRODUCT_K` terms, f32 result.
+fn small_f32_product(graph: &Graph, id: NodeId) -> bool {
+    let n = graph.node(id);
+    let ops = graph.operands(id);
+    if !n.op.is_fusable_product() || ops.len() != 2 || n.ty.dtype != qplc_ops::DType::F32 {
+        return false;
+    }
+    if ops
+        .iter()
+        .any(|&o| graph.node(o).ty.dtype != qplc_ops::DType::F32)
+    {
+        return false;
+    }
+    let a = &graph.node(ops[0]).ty.shape;
+    let k = match n.op {
+        Op::MatMul { ta: true, .. } => a.dims()[a.rank() - 2],
+        _ => a.last(),
+    };
+    k <= MAX_PRODUCT_K
+}
+
 /// The groups (each in topological order, root last), found on the unchanged graph.
 fn find_groups(graph: &Graph, order: &[NodeId]) -> Vec<Vec<NodeId>> {
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
@@ -122,6 +146,25 @@ fn find_groups(graph: &Graph, order: &[NodeId]) -> Vec<Vec<NodeId>> {
             }
             members.insert(p);
             inputs = grown;
+        }
+        // One small-k f32 product whose value only this group reads becomes a step: the
+        // group is its epilogue (a LoRA up-projection's cast and add into the base output).
+        let product = inputs.iter().copied().find(|&p| {
+            let n = graph.node(p);
+            !taken.contains(&p)
+                && !outputs.contains(&p)
+                && small_f32_product(graph, p)
+                && n.ty.shape == rn.ty.shape
+                && n.recompute == rn.recompute
+                && graph.users(p).iter().all(|u| members.contains(u))
+        });
+        if let Some(p) = product {
+            let mut grown = inputs.clone();
+            grown.remove(&p);
+            grown.extend(graph.operands(p));
+            if members.len() < MAX_STEPS && grown.len() <= MAX_INPUTS {
+                members.insert(p);
+            }
         }
         if members.len() > 1 {
             let mut g: Vec<NodeId> = members.into_iter().collect();

@@ -17,6 +17,13 @@
 //!   backward rounds its result once to the logits' dtype, so reading `z` itself is exact and
 //!   neither the f32 logits nor their f32 gradient (each 2 GiB at T = 4096, V = 128k) exist.
 //!
+//! * **Product casts**: a LoRA branch computes in f32 on `Cast(x → f32)` of the bf16 input
+//!   (and the backward on `Cast(g → f32)` of the bf16 output gradient). A `Linear` / `MatMul`
+//!   with such a cast next to an f32 operand reads the narrower value itself: a product of a
+//!   bf16 and an f32 operand is the f32 product of the exactly widened values (the ops' type
+//!   rule), so no bit changes, and a backend may read the bf16 values directly instead of an
+//!   f32 copy twice their size (the CUDA backend's skinny kernels do).
+//!
 //! Must run before `recompute`, whose duplicated forward nodes are deliberate copies.
 use crate::fuse::{remove_dead, replace_uses};
 use crate::pass::{Pass, PassContext};
@@ -125,6 +132,51 @@ fn fold_loss_casts(graph: &mut Graph) -> Result<Vec<NodeId>> {
     Ok(replaced)
 }
 
+/// Rewrites products to read narrower floats instead of their f32 casts (module doc);
+/// returns the nodes whose users moved to a new node.
+fn fold_product_casts(graph: &mut Graph) -> Result<Vec<NodeId>> {
+    let mut replaced = Vec::new();
+    for id in graph.topo_order()? {
+        if graph.g.node_weight(id).is_none() {
+            continue;
+        }
+        let n = graph.node(id).clone();
+        if !matches!(n.op, Op::Linear | Op::MatMul { .. }) || n.ty.dtype != DType::F32 {
+            continue;
+        }
+        let mut ops = graph.operands(id);
+        // With a bias the f32 sum is rounded by the op as a whole; keep those as they are.
+        if ops.len() != 2 {
+            continue;
+        }
+        let mut folded = false;
+        for slot in 0..2 {
+            if graph.node(ops[1 - slot]).ty.dtype != DType::F32 {
+                continue;
+            }
+            if let Some(z) = widened_from(graph, ops[slot]) {
+                ops[slot] = z;
+                folded = true;
+            }
+        }
+        if !folded {
+            continue;
+        }
+        let scope = Scope::new(n.module.clone(), n.block, n.layer);
+        let new = graph.add(n.op.clone(), &ops, &scope)?;
+        anyhow::ensure!(
+            graph.node(new).ty == n.ty,
+            "simplify: folding a cast into {} changed its type from {} to {}",
+            n.op.name(),
+            n.ty,
+            graph.node(new).ty
+        );
+        replace_uses(graph, id, new);
+        replaced.push(id);
+    }
+    Ok(replaced)
+}
+
 /// Removes identities and merges duplicates, to a fixed point (merging two nodes can make
 /// their users duplicates in turn; one pass in topological order catches that already, since
 /// a node's operands are final when it is visited).
@@ -161,6 +213,10 @@ pub fn simplify(graph: &mut Graph) -> Result<SimplifyStats> {
             }
         }
     }
+    // After the identities: `Scale{1}` between a cast and a product is gone by now.
+    let folded = fold_product_casts(graph)?;
+    stats.identities += folded.len();
+    replaced.extend(folded);
     stats.removed = remove_dead(graph, replaced);
     Ok(stats)
 }
@@ -216,6 +272,55 @@ mod tests {
         assert_eq!(g.operands(c1), vec![x]);
         // x, scale 2.0, cast, exp, add.
         assert_eq!(g.g.node_count(), 5);
+    }
+
+    #[test]
+    fn products_read_bf16_values_instead_of_their_f32_casts() {
+        let mut g = Graph::new();
+        let s = scope();
+        // x [4, 3] bf16 (a layer input), a [4, 3] f32 (an adapter, as Linear's [out, in]).
+        let x = input(&mut g, "x", DType::BF16);
+        let a = input(&mut g, "a", DType::F32);
+        let xf = g.add(Op::Cast { to: DType::F32 }, &[x], &s).unwrap();
+        let h = g.add(Op::Linear, &[xf, a], &s).unwrap();
+        // The A gradient reads the cast as the second operand: hᵀ · x.
+        let ga = g
+            .add(
+                Op::MatMul {
+                    ta: true,
+                    tb: false,
+                },
+                &[h, xf],
+                &s,
+            )
+            .unwrap();
+        // Two casts: one folds; folding both would make a bf16 product.
+        let y = input(&mut g, "y", DType::BF16);
+        let yf = g.add(Op::Cast { to: DType::F32 }, &[y], &s).unwrap();
+        let both = g
+            .add(
+                Op::MatMul {
+                    ta: true,
+                    tb: false,
+                },
+                &[xf, yf],
+                &s,
+            )
+            .unwrap();
+        g.set_output("h", h);
+        g.set_output("ga", ga);
+        g.set_output("both", both);
+        let stats = simplify(&mut g).unwrap();
+        g.verify().unwrap();
+        assert_eq!(stats.identities, 3, "{stats:?}");
+        let (h, ga) = (g.output("h").unwrap(), g.output("ga").unwrap());
+        assert_eq!(g.operands(h), vec![x, a]);
+        assert_eq!(g.operands(ga), vec![h, x]);
+        assert_eq!(g.node(h).ty, TensorType::new(vec![4, 4], DType::F32));
+        assert_eq!(g.node(ga).ty, TensorType::new(vec![4, 3], DType::F32));
+        let both = g.output("both").unwrap();
+        assert_eq!(g.operands(both), vec![x, yf]);
+        assert_eq!(g.node(both).ty.dtype, DType::F32);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! The `fuse_elementwise` pass changes no bit of any result: a whole LoRA training step on the
 //! tiny Llama fixture (bf16 and f32, with and without dropout) gives the same loss and the
 //! same gradient bits on the CPU with and without the pass, while the fused graph has far
-//! fewer nodes and a lower activation peak.
+//! fewer nodes and a lower activation peak, and the adapters' small-k products are steps of
+//! the chains that consume them.
 mod lora_step_common;
 
 use lora_step_common::{assert_same_bits, lora_graph, run, weights};
-use qplc_ops::DType;
+use qplc_ops::{DType, Op};
 use qplc_passes::{fuse_elementwise, recompute, simplify, CheckpointPolicy};
 
 #[test]
@@ -27,6 +28,17 @@ fn fusing_elementwise_chains_keeps_every_output_bit() {
         let stats = fuse_elementwise(&mut fused).unwrap();
         fused.verify().unwrap();
         assert!(stats.groups >= 10, "{dtype}: {stats:?}");
+        // Every branch's up-projection h·Bᵀ (rank 4: a small-k f32 product) is a step of the
+        // chain that adds it into the base output.
+        let with_product = fused
+            .g
+            .node_indices()
+            .filter(|&id| match &fused.node(id).op {
+                Op::Fused { steps } => steps.iter().any(|s| s.op.is_fusable_product()),
+                _ => false,
+            })
+            .count();
+        assert!(with_product >= 8, "{dtype}: {with_product} fused products");
         assert!(fused.g.node_count() < plain.g.node_count());
         let w = weights(&plain);
         let (a, b) = (run(&plain, &w), run(&fused, &w));

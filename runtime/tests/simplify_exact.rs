@@ -1,7 +1,8 @@
 //! The `simplify` pass changes no bit of any result: the tiny Llama fixture with LoRA on every
 //! linear (α = r, so each branch has a `Scale{1.0}`), with and without dropout, in bf16 and f32, gives
 //! the same loss and the same gradient bits on the CPU with and without the pass — and the
-//! pass does remove the per-projection f32 casts of shared inputs.
+//! pass does remove the per-projection f32 casts of shared inputs, and in bf16 no adapter
+//! product reads an f32 cast any more.
 mod lora_step_common;
 
 use lora_step_common::{assert_same_bits, lora_graph, run, weights};
@@ -12,6 +13,17 @@ use qplc_passes::simplify;
 fn casts_to_f32(g: &Graph) -> usize {
     g.g.node_indices()
         .filter(|id| g.node(*id).op == Op::Cast { to: DType::F32 })
+        .count()
+}
+
+fn products_reading_casts(g: &Graph) -> usize {
+    g.g.node_indices()
+        .filter(|id| matches!(g.node(*id).op, Op::Linear | Op::MatMul { .. }))
+        .filter(|id| {
+            g.operands(*id)
+                .iter()
+                .any(|o| g.node(*o).op == Op::Cast { to: DType::F32 })
+        })
         .count()
 }
 
@@ -35,6 +47,12 @@ fn simplify_keeps_every_output_bit_and_drops_the_duplicate_casts() {
                 casts_to_f32(&simple),
                 casts_to_f32(&plain)
             );
+        }
+        if dtype == DType::BF16 && p == 0.0 {
+            // Every adapter product reads the bf16 input / output gradient itself.
+            let reading_casts = products_reading_casts(&simple);
+            assert_eq!(reading_casts, 0, "products still reading an f32 cast");
+            assert!(products_reading_casts(&plain) > 0);
         }
         let w = weights(&plain);
         let (a, b) = (run(&plain, &w), run(&simple, &w));

@@ -2,7 +2,8 @@
 //! a time over the whole chunk (each step's inner loop is the standalone op's element
 //! function, inlined), with each step rounded to its dtype as the standalone op's result
 //! would be. Results are therefore bit for bit those of the unfused ops, while the
-//! intermediates stay in cache instead of making full-size passes over memory.
+//! intermediates stay in cache instead of making full-size passes over memory. A product
+//! step runs first, whole, as its standalone op (the CPU gains nothing from fusing it).
 use super::elementwise::{binary_seq, broadcast_strides, unary_seq};
 use super::elementwise_backward::{derivative, partial};
 use super::{f32s, f32s_mut};
@@ -20,6 +21,8 @@ enum Source<'a> {
     Same(&'a [f32]),
     /// Broadcast: element `Σ_axis coord(i, axis) · stride[axis]`.
     Broadcast(&'a [f32], Vec<usize>),
+    /// Read whole by the product step only.
+    Unused,
 }
 
 pub(crate) fn fused(
@@ -35,17 +38,51 @@ pub(crate) fn fused(
         .map_err(|e| KernelError::new(name, e.to_string()))?;
     let shape = out.ty.shape.clone();
     let dims = shape.dims().to_vec();
+    // A product step runs first, whole, as the standalone op (so its bits are the op's);
+    // the chunks then read its result like a same-shape operand.
+    let product = steps
+        .iter()
+        .enumerate()
+        .find(|(_, st)| st.op.is_fusable_product())
+        .map(|(i, st)| {
+            let args: Vec<&HostTensor> = st
+                .args
+                .iter()
+                .map(|a| match *a {
+                    FusedArg::Input(k) => operands[k],
+                    FusedArg::Step(_) => unreachable!("fused_types: product args are inputs"),
+                })
+                .collect();
+            let mut r = HostTensor::zeros(&step_types[i]);
+            super::execute_op(&st.op, &args, &mut r)?;
+            Ok::<_, KernelError>((i, r))
+        })
+        .transpose()?;
+    let read_elementwise: Vec<bool> = (0..operands.len())
+        .map(|k| {
+            steps
+                .iter()
+                .any(|st| !st.op.is_fusable_product() && st.args.contains(&FusedArg::Input(k)))
+        })
+        .collect();
     let sources = operands
         .iter()
-        .map(|t| {
+        .zip(&read_elementwise)
+        .map(|(t, &read)| {
             let v = f32s(name, t)?;
-            Ok(if t.ty.shape == shape {
+            Ok(if !read {
+                Source::Unused
+            } else if t.ty.shape == shape {
                 Source::Same(v)
             } else {
                 Source::Broadcast(v, broadcast_strides(&t.ty.shape, dims.len()))
             })
         })
         .collect::<Result<Vec<_>, KernelError>>()?;
+    let product = match &product {
+        Some((i, r)) => Some((*i, f32s(name, r)?)),
+        None => None,
+    };
     let dtypes: Vec<DType> = step_types.iter().map(|t| t.dtype).collect();
     let o = f32s_mut(name, out)?;
     o.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
@@ -55,7 +92,7 @@ pub(crate) fn fused(
         let gathered: Vec<Option<Vec<f32>>> = sources
             .iter()
             .map(|s| match s {
-                Source::Same(_) => None,
+                Source::Same(_) | Source::Unused => None,
                 Source::Broadcast(v, strides) => Some(
                     (start..start + len)
                         .map(|i| {
@@ -71,7 +108,11 @@ pub(crate) fn fused(
             })
             .collect();
         let mut vals: Vec<Vec<f32>> = Vec::with_capacity(steps.len());
-        for (st, &dtype) in steps.iter().zip(&dtypes) {
+        for (i, (st, &dtype)) in steps.iter().zip(&dtypes).enumerate() {
+            if let Some((_, p)) = product.filter(|(at, _)| *at == i) {
+                vals.push(p[start..start + len].to_vec());
+                continue;
+            }
             let arg = |k: usize| -> &[f32] {
                 match st.args[k] {
                     FusedArg::Step(j) => &vals[j],
@@ -79,6 +120,7 @@ pub(crate) fn fused(
                         (Source::Same(v), _) => &v[start..start + len],
                         (_, Some(g)) => g,
                         (Source::Broadcast(..), None) => unreachable!("gathered above"),
+                        (Source::Unused, _) => unreachable!("read by the product only"),
                     },
                 }
             };

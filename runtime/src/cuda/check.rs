@@ -654,6 +654,11 @@ fn cases(g: &mut Gen) -> Vec<Case> {
     v
 }
 
+const MM_PLAIN: Op = Op::MatMul {
+    ta: false,
+    tb: false,
+};
+
 /// `Op::Fused` chains as the `fuse_elementwise` pass makes them (generated kernels,
 /// cuda/fused.rs), with mixed storage kinds, broadcast operands, and sizes that leave a tail
 /// after the four-element vector loop.
@@ -729,6 +734,68 @@ fn fused_cases(g: &mut Gen) -> Vec<Case> {
             g.f(&[13], 0.5, 1.5),
             g.f(&[7, 1], -1.0, 1.0),
         ],
+    ));
+    // A product step (the `fuse_elementwise` pass's LoRA up-projection `base + bf16(h·Bᵀ)`):
+    // row lengths that take the vector epilogue (1000) and the scalar one (1001), a product
+    // step that is not the first, and products that take the fallback (batched; bf16).
+    for out in [1000, 1001] {
+        v.push(case(
+            format!("fused product h·Bᵀ → base + bf16 [300,{out}]"),
+            Op::Fused {
+                steps: vec![
+                    st(Op::Linear, vec![I(0), I(1)]),
+                    st(to_bf16.clone(), vec![S(0)]),
+                    st(add.clone(), vec![I(2), S(1)]),
+                ],
+            },
+            vec![
+                g.f(&[300, 16], -1.0, 1.0),
+                g.f(&[out, 16], -1.0, 1.0),
+                bf(g.f(&[300, out], -2.0, 2.0)),
+            ],
+        ));
+    }
+    v.push(case(
+        "fused product dh·A, two adds [130,520]",
+        Op::Fused {
+            steps: vec![
+                st(Op::Scale { factor: 0.5 }, vec![I(3)]),
+                st(MM_PLAIN, vec![I(0), I(1)]),
+                st(to_bf16.clone(), vec![S(1)]),
+                st(add.clone(), vec![I(2), S(2)]),
+                st(add.clone(), vec![S(3), S(0)]),
+            ],
+        },
+        vec![
+            g.f(&[130, 8], -1.0, 1.0),
+            g.f(&[8, 520], -1.0, 1.0),
+            bf(g.f(&[130, 520], -2.0, 2.0)),
+            bf(g.f(&[130, 520], -2.0, 2.0)),
+        ],
+    ));
+    v.push(case(
+        "fused product, batched (fallback) [2,50,30]",
+        Op::Fused {
+            steps: vec![
+                st(MM_PLAIN, vec![I(0), I(1)]),
+                st(add.clone(), vec![S(0), I(2)]),
+            ],
+        },
+        vec![
+            g.f(&[2, 50, 8], -1.0, 1.0),
+            g.f(&[2, 8, 30], -1.0, 1.0),
+            g.f(&[30], -1.0, 1.0),
+        ],
+    ));
+    v.push(case(
+        "fused product, bf16 operand (fallback) [70,90]",
+        Op::Fused {
+            steps: vec![
+                st(Op::Linear, vec![I(0), I(1)]),
+                st(to_bf16.clone(), vec![S(0)]),
+            ],
+        },
+        vec![bf(g.f(&[70, 16], -1.0, 1.0)), g.f(&[90, 16], -1.0, 1.0)],
     ));
     // Backward ops, a soft-cap, and f16 rounding at every step; 3 elements: tail only.
     for shape in [vec![3], vec![9, 41]] {

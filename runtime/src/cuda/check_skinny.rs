@@ -188,6 +188,171 @@ fn layout_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
         .collect()
 }
 
+/// Products whose big operand is bf16 (the simplify pass's folded LoRA casts): against the
+/// CPU, and bit for bit against the f32 product of the widened operand (the bf16 kernels
+/// widen as they read, so nothing may differ). Shapes the bf16 kernels do not take (small k,
+/// a bias, a bf16 small operand) go through the widening fallback and are checked too.
+fn bf16_big_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
+    // (what, op, shapes, which operand is bf16)
+    let cases: Vec<(&str, Op, Vec<Vec<usize>>, usize)> = vec![
+        (
+            "x·Aᵀ",
+            Op::Linear,
+            vec![vec![2048, 4096], vec![16, 4096]],
+            0,
+        ),
+        (
+            "x·Aᵀ, edge tiles",
+            Op::Linear,
+            vec![vec![1000, 700], vec![16, 700]],
+            0,
+        ),
+        (
+            "x·Aᵀ, rows not 8-aligned",
+            Op::Linear,
+            vec![vec![300, 1001], vec![8, 1001]],
+            0,
+        ),
+        (
+            "x·Aᵀ, k split",
+            Op::Linear,
+            vec![vec![256, 5000], vec![16, 5000]],
+            0,
+        ),
+        ("g·B", MM, vec![vec![500, 2048], vec![2048, 16]], 0),
+        (
+            "gᵀ·h (B grad)",
+            MM_TA,
+            vec![vec![3000, 520], vec![3000, 16]],
+            0,
+        ),
+        (
+            "gᵀ·h, odd sizes",
+            MM_TA,
+            vec![vec![777, 333], vec![777, 8]],
+            0,
+        ),
+        (
+            "hᵀ·x (A grad)",
+            MM_TA,
+            vec![vec![3000, 16], vec![3000, 700]],
+            1,
+        ),
+        (
+            "batched g·B",
+            MM,
+            vec![vec![3, 300, 700], vec![3, 700, 16]],
+            0,
+        ),
+        (
+            "small k (widened)",
+            Op::Linear,
+            vec![vec![1000, 16], vec![3000, 16]],
+            0,
+        ),
+        (
+            "bias (widened)",
+            Op::Linear,
+            vec![vec![200, 300], vec![24, 300], vec![24]],
+            0,
+        ),
+        (
+            "bf16 small side (widened)",
+            MM,
+            vec![vec![500, 2048], vec![2048, 16]],
+            1,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (what, op, shapes, narrow) in cases {
+        let mut inputs: Vec<HostTensor> = shapes.iter().map(|s| rand(rng, s)).collect();
+        inputs[narrow] = inputs[narrow].cast(DType::BF16);
+        let dims: Vec<String> = shapes.iter().map(|s| format!("{s:?}")).collect();
+        let name = format!("skinny bf16 operand {narrow}: {what} {}", dims.join("·"));
+        rows.push(parity(gpu, name.clone(), op.clone(), &inputs));
+        // The same values as f32 on the f32 kernels: the same bits.
+        let mut wide = inputs.clone();
+        wide[narrow] = wide[narrow].cast(DType::F32);
+        let both = (|| {
+            let mut outs = Vec::new();
+            for ins in [&inputs, &wide] {
+                let bufs = ins
+                    .iter()
+                    .map(|t| gpu.upload(t))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let brefs: Vec<_> = bufs.iter().collect();
+                let ty = op.infer(&ins.iter().map(|t| t.ty.clone()).collect::<Vec<_>>());
+                let ty = ty.map_err(|e| KernelError::new("skinny", e.message))?;
+                let mut out = gpu.alloc(&ty)?;
+                gpu.execute(&op, &brefs, &mut out)?;
+                outs.push(gpu.download(&out)?);
+            }
+            Ok::<_, KernelError>(outs)
+        })();
+        rows.push(match both {
+            Ok(o) => compare(&format!("{name} = widened f32"), &o[1], &o[0], 0.0),
+            Err(e) => failed(format!("{name} = widened f32"), e.to_string()),
+        });
+    }
+    rows
+}
+
+/// A chain with a small-k product step gives the bits of the product run alone and the rest
+/// of the chain run on its result (the generated kernel sums as `skinny_outer` does).
+fn fused_product_exact(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
+    use qplc_ops::{BinaryOp, FusedArg::Input as I, FusedArg::Step as S, FusedStep};
+    let st = |op: Op, args| FusedStep { op, args };
+    let mut rows = Vec::new();
+    for (rows_, out, r) in [(4096, 14336, 16), (300, 1001, 16), (257, 1000, 64)] {
+        let mut name = format!("skinny outer + epilogue [{rows_},{r}]·[{out},{r}]ᵀ = unfused");
+        let h = rand(rng, &[rows_, r]);
+        let b = rand(rng, &[out, r]);
+        let base = rand(rng, &[rows_, out]).cast(DType::BF16);
+        let tail = vec![
+            st(Op::Cast { to: DType::BF16 }, vec![I(0)]),
+            st(Op::Binary(BinaryOp::Add), vec![I(1), S(0)]),
+        ];
+        let fused = Op::Fused {
+            steps: vec![
+                st(Op::Linear, vec![I(0), I(1)]),
+                st(Op::Cast { to: DType::BF16 }, vec![S(0)]),
+                st(Op::Binary(BinaryOp::Add), vec![I(2), S(1)]),
+            ],
+        };
+        let got = (|| {
+            let (hg, bg, baseg) = (gpu.upload(&h)?, gpu.upload(&b)?, gpu.upload(&base)?);
+            let ty = qplc_ops::TensorType::new([rows_, out], DType::BF16);
+            let mut one = gpu.alloc(&ty)?;
+            gpu.execute(&fused, &[&hg, &bg, &baseg], &mut one)?;
+            let mut prod = gpu.alloc(&qplc_ops::TensorType::new([rows_, out], DType::F32))?;
+            gpu.execute(&Op::Linear, &[&hg, &bg], &mut prod)?;
+            let mut two = gpu.alloc(&ty)?;
+            let tail = Op::Fused { steps: tail };
+            gpu.execute(&tail, &[&prod, &baseg], &mut two)?;
+            if rows_ == 4096 {
+                let one_kernel = time_with(gpu, &mut || {
+                    gpu.execute(&fused, &[&hg, &bg, &baseg], &mut one)
+                })?;
+                let two_kernels = time_with(gpu, &mut || {
+                    gpu.execute(&Op::Linear, &[&hg, &bg], &mut prod)?;
+                    gpu.execute(&tail, &[&prod, &baseg], &mut two)
+                })?;
+                name = format!(
+                    "{name}: {:.1} µs, unfused {:.1} µs",
+                    one_kernel * 1e6,
+                    two_kernels * 1e6
+                );
+            }
+            Ok::<_, KernelError>((gpu.download(&one)?, gpu.download(&two)?))
+        })();
+        rows.push(match got {
+            Ok((one, two)) => compare(&name, &two, &one, 0.0),
+            Err(e) => failed(name, e.to_string()),
+        });
+    }
+    rows
+}
+
 /// A split product twice: bit-identical results.
 fn deterministic(gpu: &CudaBackend, rng: &mut Pcg32) -> Result<CheckRow, KernelError> {
     let (x, a) = (rand(rng, &[256, 5000]), rand(rng, &[16, 5000]));
@@ -257,6 +422,31 @@ fn time(
         .elapsed_ms(&end)
         .map_err(|e| cuda_err("skinny check", "event time", e))?;
     Ok((ms as f64 * 1e-3 / reps as f64, host))
+}
+
+/// GPU seconds per call of `f`, from events around 20 calls queued behind a fill (as `time`).
+fn time_with(
+    gpu: &CudaBackend,
+    f: &mut dyn FnMut() -> Result<(), KernelError>,
+) -> Result<f64, KernelError> {
+    let reps = 20;
+    let event = |what| {
+        gpu.stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| cuda_err("skinny check", what, e))
+    };
+    f()?;
+    let mut busy = gpu.scratch::<f32>(BUSY)?;
+    gpu.fill_f32(&mut busy, BUSY, 0.0)?;
+    let start = event("start event")?;
+    for _ in 0..reps {
+        f()?;
+    }
+    let end = event("end event")?;
+    let ms = start
+        .elapsed_ms(&end)
+        .map_err(|e| cuda_err("skinny check", "event time", e))?;
+    Ok(ms as f64 * 1e-3 / reps as f64)
 }
 
 /// One Llama-8B LoRA product on both engines: compared, and timed in the row name (with
@@ -424,6 +614,8 @@ fn lora_8b_products(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
 pub fn skinny_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let mut rng = Pcg32::new(seed, 31);
     let mut rows = layout_cases(gpu, &mut rng);
+    rows.extend(bf16_big_cases(gpu, &mut rng));
+    rows.extend(fused_product_exact(gpu, &mut rng));
     rows.push(
         deterministic(gpu, &mut rng)
             .unwrap_or_else(|e| failed("skinny split-k determinism".into(), e.to_string())),

@@ -106,6 +106,9 @@ pub(crate) fn execute(
     let kinds = storages(op, operands, out);
     let f = kinds.first().copied().unwrap_or(Float::F32);
     if !matches!(op, Op::Cast { .. }) && kinds.iter().any(|&k| k != f) {
+        if bf16_big_product(be, name, op, operands, out)? {
+            return Ok(());
+        }
         return widened(be, op, operands, out);
     }
     let n = out.ty.shape.numel();
@@ -128,47 +131,11 @@ pub(crate) fn execute(
             DevData::I32(s) => be.fill_i32(s, n, *value as i32)?,
             d => be.fill(d, n, *value as f32)?,
         },
-        Op::Linear => {
-            let (x, w) = (operands[0], operands[1]);
-            let (rows, k) = (x.ty.shape.rows(), x.ty.shape.last());
-            let nout = w.ty.shape.dims()[0];
-            // out[rows, n] = x · wᵀ: matmul with `b = w` transposed.
-            let p = Product {
-                ta: false,
-                tb: true,
-                m: rows,
-                k,
-                n: nout,
-                lda: k,
-                ldb: k,
-                batch: 1,
-                stride_a: 0,
-                stride_b: 0,
-            };
+        Op::Linear | Op::MatMul { .. } => {
+            let p = product_shape(op, operands).expect("a product op");
             let bias = operands.get(2).map(|b| b.data());
-            product(be, name, &p, x.data(), w.data(), bias, out.data_mut())?;
-        }
-        Op::MatMul { ta, tb } => {
-            let (a, b) = (operands[0], operands[1]);
-            let ad = a.ty.shape.dims();
-            let bd = b.ty.shape.dims();
-            let r = ad.len();
-            let (ar, ac) = (ad[r - 2], ad[r - 1]);
-            let (br, bc) = (bd[r - 2], bd[r - 1]);
-            let (m, k) = if *ta { (ac, ar) } else { (ar, ac) };
-            let p = Product {
-                ta: *ta,
-                tb: *tb,
-                m,
-                k,
-                n: if *tb { br } else { bc },
-                lda: ac,
-                ldb: bc,
-                batch: ad[..r - 2].iter().product(),
-                stride_a: ar * ac,
-                stride_b: br * bc,
-            };
-            product(be, name, &p, a.data(), b.data(), None, out.data_mut())?;
+            let (a, b) = (operands[0].data(), operands[1].data());
+            product(be, name, &p, a, b, bias, out.data_mut())?;
         }
         Op::Embedding => {
             let (ids, table) = (operands[0], operands[1]);
@@ -636,6 +603,77 @@ fn cast(
             let f = a.float().unwrap_or(Float::F32);
             launch!(be, "cast_to_i32" @ f, n; a, o, &nn)
         }
+    }
+}
+
+/// The product a `Linear` (`x · wᵀ`) or `MatMul` computes, in `gemm`'s terms.
+pub(crate) fn product_shape(op: &Op, operands: &[&CudaTensor]) -> Option<Product> {
+    match op {
+        Op::Linear => {
+            let (x, w) = (operands[0], operands[1]);
+            let (rows, k) = (x.ty.shape.rows(), x.ty.shape.last());
+            Some(Product {
+                ta: false,
+                tb: true,
+                m: rows,
+                k,
+                n: w.ty.shape.dims()[0],
+                lda: k,
+                ldb: k,
+                batch: 1,
+                stride_a: 0,
+                stride_b: 0,
+            })
+        }
+        Op::MatMul { ta, tb } => {
+            let ad = operands[0].ty.shape.dims();
+            let bd = operands[1].ty.shape.dims();
+            let r = ad.len();
+            let (ar, ac) = (ad[r - 2], ad[r - 1]);
+            let (br, bc) = (bd[r - 2], bd[r - 1]);
+            let (m, k) = if *ta { (ac, ar) } else { (ar, ac) };
+            Some(Product {
+                ta: *ta,
+                tb: *tb,
+                m,
+                k,
+                n: if *tb { br } else { bc },
+                lda: ac,
+                ldb: bc,
+                batch: ad[..r - 2].iter().product(),
+                stride_a: ar * ac,
+                stride_b: br * bc,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// An f32 product of a bf16 and an f32 operand (the simplify pass folds a LoRA step's
+/// `Cast(x → f32)` into the adapter products) run by the skinny kernels that widen the bf16
+/// big operand as they read it: the bits of the widened product, without the f32 copy.
+/// False where they do not apply (then the caller widens).
+fn bf16_big_product(
+    be: &CudaBackend,
+    name: &'static str,
+    op: &Op,
+    operands: &[&CudaTensor],
+    out: &mut CudaTensor,
+) -> Result<bool, KernelError> {
+    let Some(p) = product_shape(op, operands) else {
+        return Ok(false);
+    };
+    if operands.len() != 2 || p.k == 0 || p.batch * p.m * p.n == 0 {
+        return Ok(false);
+    }
+    let DevData::F32(o) = out.data_mut() else {
+        return Ok(false);
+    };
+    let tuning = super::skinny::Tuning::default();
+    match (operands[0].data(), operands[1].data()) {
+        (DevData::BF16(a), DevData::F32(b)) => be.gemm_bf16_big(name, &p, a, b, true, o, tuning),
+        (DevData::F32(a), DevData::BF16(b)) => be.gemm_bf16_big(name, &p, a, b, false, o, tuning),
+        _ => Ok(false),
     }
 }
 

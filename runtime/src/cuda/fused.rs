@@ -78,16 +78,10 @@ pub(crate) fn execute(
         .data()
         .float()
         .ok_or_else(|| KernelError::new(name, "expects a float output"))?;
-    let inputs: Vec<Operand> = operands
-        .iter()
-        .map(|t| {
-            let f = t
-                .data()
-                .float()
-                .expect("steps_of admits float storage only");
-            Ok((f, broadcast_axes(name, &t.ty.shape, &out.ty.shape)?))
-        })
-        .collect::<Result<_, KernelError>>()?;
+    if let Some(at) = steps.iter().position(|st| st.op.is_fusable_product()) {
+        return execute_with_product(be, op, steps, &step_types, at, operands, out);
+    }
+    let inputs = operands_of(name, steps, operands, &out.ty.shape)?;
     let body = kernel_body(steps, &step_types, &inputs, out_float);
     let kname = format!("fz_{:016x}", nvrtc_cache::fnv1a(&[&body]));
     let func = be.fused.get(be, &kname, &body)?;
@@ -115,6 +109,105 @@ pub(crate) fn execute(
     unsafe { b.launch(cfg) }
         .map(|_| ())
         .map_err(|e| super::cuda_err("fused", "kernel launch", e))
+}
+
+/// How each operand is read: `None` for one only a product step reads (whole).
+fn operands_of(
+    name: &'static str,
+    steps: &[FusedStep],
+    operands: &[&CudaTensor],
+    out: &Shape,
+) -> Result<Vec<Option<Operand>>, KernelError> {
+    operands
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            let read = steps
+                .iter()
+                .any(|st| !st.op.is_fusable_product() && st.args.contains(&FusedArg::Input(k)));
+            if !read {
+                return Ok(None);
+            }
+            let f = t
+                .data()
+                .float()
+                .expect("steps_of admits float storage only");
+            Ok(Some((f, broadcast_axes(name, &t.ty.shape, out)?)))
+        })
+        .collect()
+}
+
+/// A chain with a product step (`Op::Fused`'s doc): a small-k f32 product runs as a
+/// generated kernel that computes the block's tile with skinny.cu's `outer_tile` and applies
+/// the chain to the accumulators; any other product runs as its own op into a scratch
+/// buffer, which the chain then reads in its place (the bits of the unfused graph either
+/// way: `outer_tile` sums as `skinny_outer` does).
+fn execute_with_product(
+    be: &CudaBackend,
+    op: &Op,
+    steps: &[FusedStep],
+    step_types: &[TensorType],
+    at: usize,
+    operands: &[&CudaTensor],
+    out: &mut CudaTensor,
+) -> Result<(), KernelError> {
+    let name = op.name();
+    let input = |a: &FusedArg| match *a {
+        FusedArg::Input(k) => Ok(k),
+        FusedArg::Step(_) => Err(KernelError::new(
+            name,
+            "a product step reads graph operands",
+        )),
+    };
+    let (ka, kb) = (input(&steps[at].args[0])?, input(&steps[at].args[1])?);
+    let product = &steps[at].op;
+    let p = super::dispatch::product_shape(product, &[operands[ka], operands[kb]])
+        .ok_or_else(|| KernelError::new(name, "the product step is not a product"))?;
+    let f32s = matches!(
+        (operands[ka].data(), operands[kb].data()),
+        (super::DevData::F32(_), super::DevData::F32(_))
+    );
+    let tile = f32s
+        && p.batch == 1
+        && p.m * p.n == out.ty.shape.numel()
+        && step_types[at].dtype == DType::F32
+        && super::skinny::route(&p) == Some(super::skinny::Route::Outer);
+    if !tile {
+        let mut tmp = be.alloc_in(&step_types[at], Float::of(step_types[at].dtype))?;
+        super::dispatch::execute(be, product, &[operands[ka], operands[kb]], &mut tmp)?;
+        let mut rest = steps.to_vec();
+        rest[at] = FusedStep {
+            op: Op::Cast {
+                to: step_types[at].dtype,
+            },
+            args: vec![FusedArg::Input(operands.len())],
+        };
+        let mut with_tmp = operands.to_vec();
+        with_tmp.push(&tmp);
+        return execute(be, op, &rest, &with_tmp, out);
+    }
+    let out_float = out
+        .data()
+        .float()
+        .ok_or_else(|| KernelError::new(name, "expects a float output"))?;
+    let inputs = operands_of(name, steps, operands, &out.ty.shape)?;
+    let body = product_kernel_body(steps, step_types, &inputs, out_float, at, (ka, kb));
+    let kname = format!("fp_{:016x}", nvrtc_cache::fnv1a(&[&body]));
+    let func = be.fused.get(be, &kname, &body)?;
+    let (args, cfg) = super::skinny::outer_launch(name, &p)?;
+    let mut b = be.stream.launch_builder(&func);
+    for t in operands {
+        b.arg(t.data());
+    }
+    b.arg(out.data_mut());
+    b.arg(&args);
+    // SAFETY: the generated signature is one pointer per operand in operand order (typed by
+    // each operand's storage), the output pointer and `SkinnyArgs`; the product's operands
+    // are f32 and laid out as `p` (from their shapes, checked by `fused_types`) says, the
+    // output holds p.m·p.n elements, and the other operands what their strides reach.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| super::cuda_err("fused", "product kernel launch", e))
 }
 
 impl FusedKernels {
@@ -228,17 +321,19 @@ fn load(f: Float, expr: &str) -> String {
     }
 }
 
-/// The kernel source with `KNAME` for its name: an element function with the chain, a
-/// vector loop of `VEC` elements per thread, and a scalar loop for the tail.
-fn kernel_body(
+/// The element function `KNAME_eval`: the chain on one f32 value per operand (and, with a
+/// product step at `product`, its value `p`), each step rounded to its dtype.
+fn eval_fn(
+    s: &mut String,
     steps: &[FusedStep],
     types: &[TensorType],
-    inputs: &[Operand],
-    out: Float,
-) -> String {
-    let mut s = String::new();
-    let params: Vec<String> = (0..inputs.len()).map(|k| format!("float x{k}")).collect();
-    // The chain: one f32 value per step, rounded to the step's dtype.
+    n_inputs: usize,
+    product: Option<usize>,
+) {
+    let mut params: Vec<String> = (0..n_inputs).map(|k| format!("float x{k}")).collect();
+    if product.is_some() {
+        params.insert(0, "float p".into());
+    }
     let _ = writeln!(
         s,
         "__device__ __forceinline__ float KNAME_eval({}) {{",
@@ -254,6 +349,7 @@ fn kernel_body(
             })
             .collect();
         let e = match &st.op {
+            _ if product == Some(i) => "p".to_string(),
             Op::Unary(u) => format!("unary_fn({}, {})", unary_code(*u), a[0]),
             Op::Binary(b) => format!("binary_fn({}, {}, {})", binary_code(*b), a[0], a[1]),
             Op::Scale { factor } => format!("{} * {}", a[0], lit(*factor)),
@@ -281,9 +377,14 @@ fn kernel_body(
         let _ = writeln!(s, "    float s{i} = {e};");
     }
     let _ = writeln!(s, "    return s{};\n}}", steps.len() - 1);
-    // Offsets of broadcast operands: literal dims and strides, innermost axis first.
-    for (k, (_, axes)) in inputs.iter().enumerate() {
-        let Some(axes) = axes else { continue };
+}
+
+/// `KNAME_off{k}`: offsets of broadcast operands, literal dims and strides, innermost first.
+fn offset_fns(s: &mut String, inputs: &[Option<Operand>]) {
+    for (k, input) in inputs.iter().enumerate() {
+        let Some((_, Some(axes))) = input else {
+            continue;
+        };
         let _ = writeln!(
             s,
             "__device__ __forceinline__ long long KNAME_off{k}(long long i) {{"
@@ -301,12 +402,111 @@ fn kernel_body(
         }
         let _ = writeln!(s, "    return o;\n}}");
     }
+}
+
+/// The kernel's parameters: one pointer per operand, then the output.
+fn signature(inputs: &[Option<Operand>], storages: &[Float], out: Float) -> Vec<String> {
     let mut sig: Vec<String> = inputs
         .iter()
+        .zip(storages)
         .enumerate()
-        .map(|(k, (f, _))| format!("const {}* __restrict__ in{k}", storage_type(*f)))
+        .map(|(k, (_, f))| format!("const {}* __restrict__ in{k}", storage_type(*f)))
         .collect();
     sig.push(format!("{}* __restrict__ out", storage_type(out)));
+    sig
+}
+
+/// Loads of `a{k}[0..VEC]` for the elements `i0 + 0..VEC` (vector `v` of same-shape operands).
+fn vector_loads(s: &mut String, inputs: &[Option<Operand>], pad: &str) {
+    for (k, input) in inputs.iter().enumerate() {
+        let Some((f, axes)) = input else { continue };
+        let _ = writeln!(s, "{pad}float a{k}[{VEC}];");
+        match (axes, f) {
+            (Some(_), _) => {
+                for j in 0..VEC {
+                    let e = load(*f, &format!("in{k}[KNAME_off{k}(i0 + {j})]"));
+                    let _ = writeln!(s, "{pad}a{k}[{j}] = {e};");
+                }
+            }
+            (None, Float::F32) => {
+                let _ = writeln!(
+                    s,
+                    "{pad}{{ float4 w = ((const float4*)in{k})[v]; a{k}[0] = w.x; a{k}[1] = w.y; a{k}[2] = w.z; a{k}[3] = w.w; }}"
+                );
+            }
+            (None, Float::BF16) => {
+                let _ = writeln!(
+                    s,
+                    "{pad}{{ uint2 w = ((const uint2*)in{k})[v]; \
+                     a{k}[0] = __uint_as_float(w.x << 16); a{k}[1] = __uint_as_float(w.x & 0xffff0000u); \
+                     a{k}[2] = __uint_as_float(w.y << 16); a{k}[3] = __uint_as_float(w.y & 0xffff0000u); }}"
+                );
+            }
+        }
+    }
+}
+
+/// The arguments of `KNAME_eval` for element `j` of the loaded vectors (operands a product
+/// alone reads pass 0, unused).
+fn vector_args(inputs: &[Option<Operand>], j: &str) -> Vec<String> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(k, input)| match input {
+            Some(_) => format!("a{k}[{j}]"),
+            None => "0.0f".into(),
+        })
+        .collect()
+}
+
+/// The arguments of `KNAME_eval` read at element index `i`.
+fn scalar_args(inputs: &[Option<Operand>], i: &str) -> Vec<String> {
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(k, input)| match input {
+            Some((f, Some(_))) => load(*f, &format!("in{k}[KNAME_off{k}({i})]")),
+            Some((f, None)) => load(*f, &format!("in{k}[{i}]")),
+            None => "0.0f".into(),
+        })
+        .collect()
+}
+
+/// The store of `r[0..VEC]` as vector `v` of the output.
+fn vector_store(out: Float) -> &'static str {
+    match out {
+        Float::F32 => "((float4*)out)[v] = make_float4(r[0], r[1], r[2], r[3]);",
+        Float::BF16 => {
+            "uint2 w; w.x = (unsigned int)st_bf16(r[0]) | ((unsigned int)st_bf16(r[1]) << 16); \
+             w.y = (unsigned int)st_bf16(r[2]) | ((unsigned int)st_bf16(r[3]) << 16); ((uint2*)out)[v] = w;"
+        }
+    }
+}
+
+fn scalar_store(out: Float) -> &'static str {
+    match out {
+        Float::F32 => "r",
+        Float::BF16 => "st_bf16(r)",
+    }
+}
+
+/// The kernel source with `KNAME` for its name: an element function with the chain, a
+/// vector loop of `VEC` elements per thread, and a scalar loop for the tail. Every operand
+/// is read elementwise here (`Some`).
+fn kernel_body(
+    steps: &[FusedStep],
+    types: &[TensorType],
+    inputs: &[Option<Operand>],
+    out: Float,
+) -> String {
+    let mut s = String::new();
+    eval_fn(&mut s, steps, types, inputs.len(), None);
+    offset_fns(&mut s, inputs);
+    let storages: Vec<Float> = inputs
+        .iter()
+        .map(|i| i.as_ref().map_or(Float::F32, |o| o.0))
+        .collect();
+    let mut sig = signature(inputs, &storages, out);
     sig.push("long long n".into());
     let _ = writeln!(
         s,
@@ -320,80 +520,157 @@ fn kernel_body(
     );
     let _ = writeln!(s, "    for (long long v = tid; v < nv; v += nth) {{");
     let _ = writeln!(s, "        long long i0 = v * {VEC};");
-    for (k, (f, axes)) in inputs.iter().enumerate() {
-        let _ = writeln!(s, "        float a{k}[{VEC}];");
-        match (axes, f) {
-            (Some(_), _) => {
-                for j in 0..VEC {
-                    let e = load(*f, &format!("in{k}[KNAME_off{k}(i0 + {j})]"));
-                    let _ = writeln!(s, "        a{k}[{j}] = {e};");
-                }
-            }
-            (None, Float::F32) => {
-                let _ = writeln!(
-                    s,
-                    "        {{ float4 w = ((const float4*)in{k})[v]; a{k}[0] = w.x; a{k}[1] = w.y; a{k}[2] = w.z; a{k}[3] = w.w; }}"
-                );
-            }
-            (None, Float::BF16) => {
-                let _ = writeln!(
-                    s,
-                    "        {{ uint2 w = ((const uint2*)in{k})[v]; \
-                     a{k}[0] = __uint_as_float(w.x << 16); a{k}[1] = __uint_as_float(w.x & 0xffff0000u); \
-                     a{k}[2] = __uint_as_float(w.y << 16); a{k}[3] = __uint_as_float(w.y & 0xffff0000u); }}"
-                );
-            }
-        }
-    }
-    let args = |j: &str| -> String {
-        (0..inputs.len())
-            .map(|k| format!("a{k}[{j}]"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
+    vector_loads(&mut s, inputs, "        ");
     let _ = writeln!(s, "        float r[{VEC}];");
     let _ = writeln!(
         s,
         "        #pragma unroll\n        for (int j = 0; j < {VEC}; ++j) r[j] = KNAME_eval({});",
-        args("j")
+        vector_args(inputs, "j").join(", ")
     );
-    match out {
-        Float::F32 => {
-            let _ = writeln!(
-                s,
-                "        ((float4*)out)[v] = make_float4(r[0], r[1], r[2], r[3]);"
-            );
-        }
-        Float::BF16 => {
-            let _ = writeln!(
-                s,
-                "        uint2 w; w.x = (unsigned int)st_bf16(r[0]) | ((unsigned int)st_bf16(r[1]) << 16); \
-                 w.y = (unsigned int)st_bf16(r[2]) | ((unsigned int)st_bf16(r[3]) << 16); ((uint2*)out)[v] = w;"
-            );
-        }
-    }
+    let _ = writeln!(s, "        {}", vector_store(out));
     let _ = writeln!(s, "    }}");
     // Tail: the last n % VEC elements, one per thread.
     let _ = writeln!(
         s,
         "    for (long long i = nv * {VEC} + tid; i < n; i += nth) {{"
     );
-    let scalar: Vec<String> = inputs
+    let _ = writeln!(
+        s,
+        "        float r = KNAME_eval({});\n        out[i] = {};\n    }}\n}}",
+        scalar_args(inputs, "i").join(", "),
+        scalar_store(out)
+    );
+    s
+}
+
+/// A chain whose step `at` is the small-k product of operands `ka`·`kb` (f32, laid out as the
+/// `SkinnyArgs` argument says): each block computes its 64 × 64 tile with skinny.cu's
+/// `outer_tile`, then the chain on each accumulator with the other operands read at the
+/// element's index (four columns a thread: vector loads and stores where the row allows).
+fn product_kernel_body(
+    steps: &[FusedStep],
+    types: &[TensorType],
+    inputs: &[Option<Operand>],
+    out: Float,
+    at: usize,
+    (ka, kb): (usize, usize),
+) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{}", super::skinny::outer_tile_source());
+    eval_fn(&mut s, steps, types, inputs.len(), Some(at));
+    offset_fns(&mut s, inputs);
+    let storages: Vec<Float> = inputs
         .iter()
-        .enumerate()
-        .map(|(k, (f, axes))| match axes {
-            Some(_) => load(*f, &format!("in{k}[KNAME_off{k}(i)]")),
-            None => load(*f, &format!("in{k}[i]")),
-        })
+        .map(|i| i.as_ref().map_or(Float::F32, |o| o.0))
         .collect();
-    let store = match out {
-        Float::F32 => "r",
-        Float::BF16 => "st_bf16(r)",
+    let mut sig = signature(inputs, &storages, out);
+    sig.push("const SkinnyArgs s".into());
+    let with = |args: Vec<String>, acc: &str| {
+        let mut a = vec![acc.to_string()];
+        a.extend(args);
+        a.join(", ")
     };
     let _ = writeln!(
         s,
-        "        float r = KNAME_eval({});\n        out[i] = {store};\n    }}\n}}",
-        scalar.join(", ")
+        "extern \"C\" __global__ void __launch_bounds__(OK_THREADS, 5) KNAME({}) {{",
+        sig.join(", ")
+    );
+    let _ = writeln!(
+        s,
+        "    const int t = threadIdx.x;
+    const int tx = t & 15, ty = t >> 4;
+    const i64 i0r = (i64)blockIdx.y * OK_BM, j0 = (i64)blockIdx.x * OK_BN;
+    const i64 n = s.n;
+    const i64 j = j0 + tx * 4;
+    const bool vec = n % {VEC} == 0 && j + {VEC} <= n;"
+    );
+    // The same-shape operands of the vector epilogue are loaded before the product, so
+    // their latency hides behind its arithmetic (a block's tile is a few µs of work).
+    let same: Vec<(usize, Float)> = inputs
+        .iter()
+        .enumerate()
+        .filter_map(|(k, i)| match i {
+            Some((f, None)) => Some((k, *f)),
+            _ => None,
+        })
+        .collect();
+    for &(k, f) in &same {
+        let (ty, zero) = match f {
+            Float::BF16 => ("uint2", "make_uint2(0u, 0u)"),
+            Float::F32 => ("float4", "make_float4(0.f, 0.f, 0.f, 0.f)"),
+        };
+        let _ = writeln!(s, "    {ty} pw{k}[8];");
+        let _ = writeln!(
+            s,
+            "    #pragma unroll\n    for (int u = 0; u < 8; ++u) {{\n        \
+             const i64 i = i0r + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));\n        \
+             pw{k}[u] = vec && i < s.m ? ((const {ty}*)in{k})[(i * n + j) / {VEC}] : {zero};\n    }}"
+        );
+    }
+    let _ = writeln!(
+        s,
+        "    float acc[8][4];
+    outer_tile(in{ka}, in{kb}, s, i0r, j0, acc);
+    #pragma unroll
+    for (int u = 0; u < 8; ++u) {{
+        const i64 i = i0r + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));
+        if (i >= s.m) continue;
+        if (vec) {{
+            const long long i0 = i * n + j;
+            const long long v = i0 / {VEC};"
+    );
+    for (k, input) in inputs.iter().enumerate() {
+        let Some((f, axes)) = input else { continue };
+        let pad = "            ";
+        let _ = writeln!(s, "{pad}float a{k}[{VEC}];");
+        match (axes, f) {
+            (Some(_), _) => {
+                for q in 0..VEC {
+                    let e = load(*f, &format!("in{k}[KNAME_off{k}(i0 + {q})]"));
+                    let _ = writeln!(s, "{pad}a{k}[{q}] = {e};");
+                }
+            }
+            (None, Float::F32) => {
+                let _ = writeln!(
+                    s,
+                    "{pad}{{ float4 w = pw{k}[u]; a{k}[0] = w.x; a{k}[1] = w.y; a{k}[2] = w.z; a{k}[3] = w.w; }}"
+                );
+            }
+            (None, Float::BF16) => {
+                let _ = writeln!(
+                    s,
+                    "{pad}{{ uint2 w = pw{k}[u]; \
+                     a{k}[0] = __uint_as_float(w.x << 16); a{k}[1] = __uint_as_float(w.x & 0xffff0000u); \
+                     a{k}[2] = __uint_as_float(w.y << 16); a{k}[3] = __uint_as_float(w.y & 0xffff0000u); }}"
+                );
+            }
+        }
+    }
+    let _ = writeln!(s, "            float r[{VEC}];");
+    let _ = writeln!(
+        s,
+        "            #pragma unroll\n            for (int jj = 0; jj < {VEC}; ++jj) r[jj] = KNAME_eval({});",
+        with(vector_args(inputs, "jj"), "acc[u][jj]")
+    );
+    let _ = writeln!(s, "            {}", vector_store(out));
+    let _ = writeln!(
+        s,
+        "        }} else {{
+            #pragma unroll
+            for (int jj = 0; jj < {VEC}; ++jj) {{
+                // No `break`: a loop left early is not unrolled, and `acc` indexed by a
+                // run-time value would move to local memory.
+                if (j + jj < n) {{
+                    const long long e = i * n + j + jj;
+                    float r = KNAME_eval({});
+                    out[e] = {};
+                }}
+            }}
+        }}
+    }}
+}}",
+        with(scalar_args(inputs, "e"), "acc[u][jj]"),
+        scalar_store(out)
     );
     s
 }
@@ -429,7 +706,11 @@ mod tests {
         ];
         let w = broadcast_axes("t", &Shape(vec![10]), &Shape(vec![6, 10])).unwrap();
         assert_eq!(w, Some(vec![(10, 1), (6, 0)]));
-        let inputs = vec![(Float::F32, None), (Float::BF16, None), (Float::BF16, w)];
+        let inputs = vec![
+            Some((Float::F32, None)),
+            Some((Float::BF16, None)),
+            Some((Float::BF16, w)),
+        ];
         kernel_body(&steps, &types, &inputs, Float::BF16)
     }
 
@@ -443,6 +724,50 @@ mod tests {
         // Only the last axis of the [10] operand is read: no division beyond it.
         assert!(body.contains("o += (i % 10LL) * 1LL;"), "{body}");
         assert!(!body.contains("% 6LL"), "{body}");
+    }
+
+    /// `base + bf16(h·Bᵀ)` with the product as step 0, as source.
+    fn product_body() -> String {
+        let steps = vec![
+            step(Op::Linear, vec![FusedArg::Input(0), FusedArg::Input(1)]),
+            step(Op::Cast { to: DType::BF16 }, vec![FusedArg::Step(0)]),
+            step(
+                Op::Binary(BinaryOp::Add),
+                vec![FusedArg::Input(2), FusedArg::Step(1)],
+            ),
+        ];
+        let types = vec![
+            TensorType::new(vec![6, 10], DType::F32),
+            TensorType::new(vec![6, 10], DType::BF16),
+            TensorType::new(vec![6, 10], DType::BF16),
+        ];
+        let inputs = vec![None, None, Some((Float::BF16, None))];
+        product_kernel_body(&steps, &types, &inputs, Float::BF16, 0, (0, 1))
+    }
+
+    #[test]
+    fn a_product_step_is_the_tile_then_the_chain_on_its_accumulators() {
+        let body = product_body();
+        if std::env::var_os("QPLC_SHOW_SOURCE").is_some() {
+            eprintln!("{body}");
+        }
+        assert!(
+            body.contains("outer_tile(in0, in1, s, i0r, j0, acc);"),
+            "{body}"
+        );
+        assert!(body.contains("float s0 = p;"), "{body}");
+        assert!(
+            body.contains("KNAME_eval(acc[u][jj], 0.0f, 0.0f, a2[jj])"),
+            "{body}"
+        );
+        let src = format!("{}\n{}", prelude(), body.replace("KNAME", "fp_test"));
+        match nvrtc_cache::compile(&src, "sm_90", "test kernel") {
+            Ok(ptx) => assert!(ptx.to_src().contains(".entry fp_test")),
+            Err(e) if e.to_string().contains("could not be loaded") => {
+                eprintln!("skipped: {e}")
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 
     #[test]

@@ -193,6 +193,41 @@ impl CudaBackend {
         let (pa, _ra) = a.device_ptr(&self.stream);
         let (pb, _rb) = b.device_ptr(&self.stream);
         let (pc, _rc) = c.device_ptr_mut(&self.stream);
-        self.skinny_gemm(name, p, route, pa, pb, pc, tuning)
+        self.skinny_gemm(name, p, route, pa, pb, pc, false, tuning)
+    }
+
+    /// An f32 product whose big operand is held as bf16 (`a_bf16` says which of `a`, `b`
+    /// that is), on skinny.cu's bf16 kernels: exactly the f32 product of the widened
+    /// operand, without the widened copy. `Ok(false)` where no such kernel applies (the
+    /// caller widens).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn gemm_bf16_big<T, U>(
+        &self,
+        name: &'static str,
+        p: &Product,
+        a: &CudaSlice<T>,
+        b: &CudaSlice<U>,
+        a_bf16: bool,
+        c: &mut CudaSlice<f32>,
+        tuning: Tuning,
+    ) -> Result<bool, KernelError> {
+        let big_is_a = match skinny::route(p) {
+            Some(Route::SmallN) => true,
+            Some(Route::SmallM) => false,
+            _ => return Ok(false),
+        };
+        if big_is_a != a_bf16 {
+            return Ok(false);
+        }
+        let route = if big_is_a {
+            Route::SmallN
+        } else {
+            Route::SmallM
+        };
+        let (pa, _ra) = a.device_ptr(&self.stream);
+        let (pb, _rb) = b.device_ptr(&self.stream);
+        let (pc, _rc) = c.device_ptr_mut(&self.stream);
+        self.skinny_gemm(name, p, route, pa, pb, pc, true, tuning)?;
+        Ok(true)
     }
 }

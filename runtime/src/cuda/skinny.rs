@@ -32,6 +32,12 @@ pub const KERNEL_NAMES: &[&str] = &[
     "skinny_cols16",
     "skinny_cols32",
     "skinny_cols64",
+    "skinny_rows16_bf16",
+    "skinny_rows32_bf16",
+    "skinny_rows64_bf16",
+    "skinny_cols16_bf16",
+    "skinny_cols32_bf16",
+    "skinny_cols64_bf16",
     "skinny_sum_splits",
     "skinny_outer",
 ];
@@ -58,25 +64,34 @@ pub fn compile_skinny_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, 
 }
 
 /// Shared memory of a small-n kernel: `stages` pipeline stages of an A tile (128 rows × 32
-/// k, rows padded by 4 floats: `Stage` in skinny.cu) and a B tile (32 k × `nb`). The kernel
-/// traps if a launch brings less.
-fn small_n_smem_bytes(kmajor: bool, nb: usize, stages: usize) -> usize {
+/// k in the big operand's element type, rows padded by 16 bytes: `Stage` in skinny.cu) and
+/// an f32 B tile (32 k × `nb`). The kernel traps if a launch brings less.
+fn small_n_smem_bytes(kmajor: bool, nb: usize, stages: usize, big_bf16: bool) -> usize {
+    let elem = if big_bf16 { 2 } else { 4 };
+    let pad = 16 / elem;
     let a_tile = if kmajor {
-        K_TILE * (ROWS_PER_BLOCK + 4)
+        K_TILE * (ROWS_PER_BLOCK + pad)
     } else {
-        ROWS_PER_BLOCK * (K_TILE + 4)
+        ROWS_PER_BLOCK * (K_TILE + pad)
     };
-    stages * (a_tile + K_TILE * nb) * std::mem::size_of::<f32>()
+    stages * (a_tile * elem + K_TILE * nb * std::mem::size_of::<f32>())
 }
 
-/// The small-n kernels: name, whether the big operand is staged k-major, tile width.
-const SMALL_N_KERNELS: [(&str, bool, usize); 6] = [
-    ("skinny_rows16", false, 16),
-    ("skinny_rows32", false, 32),
-    ("skinny_rows64", false, 64),
-    ("skinny_cols16", true, 16),
-    ("skinny_cols32", true, 32),
-    ("skinny_cols64", true, 64),
+/// The small-n kernels: name, whether the big operand is staged k-major, tile width,
+/// whether the big operand is bf16.
+const SMALL_N_KERNELS: [(&str, bool, usize, bool); 12] = [
+    ("skinny_rows16", false, 16, false),
+    ("skinny_rows32", false, 32, false),
+    ("skinny_rows64", false, 64, false),
+    ("skinny_cols16", true, 16, false),
+    ("skinny_cols32", true, 32, false),
+    ("skinny_cols64", true, 64, false),
+    ("skinny_rows16_bf16", false, 16, true),
+    ("skinny_rows32_bf16", false, 32, true),
+    ("skinny_rows64_bf16", false, 64, true),
+    ("skinny_cols16_bf16", true, 16, true),
+    ("skinny_cols32_bf16", true, 32, true),
+    ("skinny_cols64_bf16", true, 64, true),
 ];
 
 /// Pipeline depths a small-n kernel runs with (`stages` in skinny.cu), and the default: on
@@ -112,8 +127,8 @@ pub(crate) fn load(
             .map_err(|e| cuda_err("cuda", &format!("kernel `{name}`"), e))?;
         // (stages, shared memory) pairs a small-n kernel may be launched with.
         let sizes: Vec<(usize, usize)> = match SMALL_N_KERNELS.iter().find(|k| k.0 == *name) {
-            Some(&(_, kmajor, nb)) => STAGES
-                .map(|st| (st, small_n_smem_bytes(kmajor, nb, st)))
+            Some(&(_, kmajor, nb, big_bf16)) => STAGES
+                .map(|st| (st, small_n_smem_bytes(kmajor, nb, st, big_bf16)))
                 .collect(),
             None => Vec::new(),
         };
@@ -154,7 +169,7 @@ pub(crate) struct Tuning {
 /// `struct SkinnyArgs` of skinny.cu.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
-struct SkinnyArgs {
+pub(crate) struct SkinnyArgs {
     m: i64,
     n: i64,
     k: i64,
@@ -248,8 +263,10 @@ fn splits(rows: usize, batch: usize, k: usize, target: usize) -> (usize, usize) 
 
 impl CudaBackend {
     /// Runs an f32 product `route` accepted: `a`, `b`, `c` are device pointers to f32
-    /// buffers laid out as `p` describes (`c` row-major [batch, m, n]). `tuning` overrides
-    /// the small-n kernels' defaults (the timing checks).
+    /// buffers laid out as `p` describes (`c` row-major [batch, m, n]), except that with
+    /// `big_bf16` the big operand (`a`, or `b` on `Route::SmallM`) holds bf16 values, widened
+    /// as they are read (same bits as on an f32 copy). `tuning` overrides the small-n
+    /// kernels' defaults (the timing checks).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn skinny_gemm(
         &self,
@@ -259,38 +276,17 @@ impl CudaBackend {
         a: u64,
         b: u64,
         c: u64,
+        big_bf16: bool,
         tuning: Tuning,
     ) -> Result<(), KernelError> {
         if route == Route::Outer {
-            let (sa_i, sa_p) = if p.ta { (1, p.lda) } else { (p.lda, 1) };
-            let (sb_p, sb_j) = if p.tb { (1, p.ldb) } else { (p.ldb, 1) };
-            let s = SkinnyArgs {
-                m: p.m as i64,
-                n: p.n as i64,
-                k: p.k as i64,
-                kslice: p.k as i64,
-                sa_i: sa_i as i64,
-                sa_p: sa_p as i64,
-                sb_p: sb_p as i64,
-                sb_j: sb_j as i64,
-                sc_i: p.n as i64,
-                sc_j: 1,
-                batch_a: p.stride_a as i64,
-                batch_b: p.stride_b as i64,
-                batch_c: (p.m * p.n) as i64,
-                split_c: 0,
-                // skinny_outer stages all of k at once; no pipeline.
-                stages: 0,
-            };
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    grid_x(name, p.n.div_ceil(OUTER_TILE))?,
-                    p.m.div_ceil(OUTER_TILE) as u32,
-                    p.batch as u32,
-                ),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            if big_bf16 {
+                return Err(KernelError::new(
+                    name,
+                    "the small-k kernel takes f32 operands only",
+                ));
+            }
+            let (s, cfg) = outer_launch(name, p)?;
             return launch!(self, "skinny_outer", cfg; &a, &b, &c, &s);
         }
         let mut s = small_n_args(p, route);
@@ -302,9 +298,9 @@ impl CudaBackend {
             17..=32 => 32,
             _ => 64,
         };
-        let (kernel, _, _) = SMALL_N_KERNELS
+        let (kernel, ..) = SMALL_N_KERNELS
             .iter()
-            .find(|k| k.1 == kmajor && k.2 == nb)
+            .find(|k| k.1 == kmajor && k.2 == nb && k.3 == big_bf16)
             .copied()
             .ok_or_else(|| KernelError::new(name, "no small-n kernel for this shape"))?;
         let stages = tuning.stages.unwrap_or(DEFAULT_STAGES);
@@ -325,7 +321,7 @@ impl CudaBackend {
                 p.batch as u32,
             ),
             block_dim: (ROWS_PER_BLOCK as u32, 1, 1),
-            shared_mem_bytes: small_n_smem_bytes(kmajor, nb, stages) as u32,
+            shared_mem_bytes: small_n_smem_bytes(kmajor, nb, stages, big_bf16) as u32,
         };
         // The small-m product runs as its transpose, on `b` as the big operand.
         let (big, small) = if route == Route::SmallM {
@@ -360,6 +356,55 @@ impl CudaBackend {
         let part: &cudarc::driver::CudaSlice<f32> = &part;
         launch!(self, "skinny_sum_splits", total; part, &c, &tt, &ns)
     }
+}
+
+/// Arguments and grid of a small-k product (`skinny_outer`, or a generated kernel built on
+/// skinny.cu's `outer_tile`: 128 threads, a 64 × 64 tile of C per block, row-major C).
+pub(crate) fn outer_launch(
+    name: &'static str,
+    p: &Product,
+) -> Result<(SkinnyArgs, LaunchConfig), KernelError> {
+    let (sa_i, sa_p) = if p.ta { (1, p.lda) } else { (p.lda, 1) };
+    let (sb_p, sb_j) = if p.tb { (1, p.ldb) } else { (p.ldb, 1) };
+    let s = SkinnyArgs {
+        m: p.m as i64,
+        n: p.n as i64,
+        k: p.k as i64,
+        kslice: p.k as i64,
+        sa_i: sa_i as i64,
+        sa_p: sa_p as i64,
+        sb_p: sb_p as i64,
+        sb_j: sb_j as i64,
+        sc_i: p.n as i64,
+        sc_j: 1,
+        batch_a: p.stride_a as i64,
+        batch_b: p.stride_b as i64,
+        batch_c: (p.m * p.n) as i64,
+        split_c: 0,
+        // skinny_outer stages all of k at once; no pipeline.
+        stages: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (
+            grid_x(name, p.n.div_ceil(OUTER_TILE))?,
+            p.m.div_ceil(OUTER_TILE) as u32,
+            p.batch as u32,
+        ),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    Ok((s, cfg))
+}
+
+/// skinny.cu's `outer_tile` and what it needs, for generated kernels.
+pub(crate) fn outer_tile_source() -> &'static str {
+    let begin = SOURCE
+        .find("// OUTER_TILE_BEGIN")
+        .expect("skinny.cu has the OUTER_TILE_BEGIN mark");
+    let end = SOURCE
+        .find("// OUTER_TILE_END")
+        .expect("skinny.cu has the OUTER_TILE_END mark");
+    &SOURCE[begin..end]
 }
 
 /// A grid's x extent as the launch takes it.
