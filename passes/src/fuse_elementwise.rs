@@ -9,6 +9,11 @@
 //! operand joins when it is fusable ([`Op::is_fusable`], float in and out), has the root's
 //! shape, is not a graph output, has the root's `recompute` flag, and every one of its users
 //! is already in the group (its value is needed nowhere else, so no buffer of it must exist).
+//! A one-operand step (unary, cast, scale) that other nodes read too is *copied* into the
+//! group instead (its operands stay inputs): each group recomputes it, and once every reader
+//! has copied it, its buffer no longer exists either. Under checkpointing SwiGLU's
+//! `silu(gate)` is read by the recomputed down-projection input and by the backward.
+//! A small-k product whose value only the group reads becomes a step too (`Op::Fused`).
 //! A region of a graph is a DAG, not a tree, which is why this is a walk over users rather
 //! than egg rewrites (egg extracts trees; [`crate::fuse`] keeps using it for the
 //! cross-entropy patterns). Singletons stay as they are.
@@ -86,6 +91,15 @@ fn fusable(graph: &Graph, id: NodeId) -> bool {
             .all(|&o| graph.node(o).ty.dtype.is_float())
 }
 
+/// A step cheap enough to compute in every group that reads it rather than store: one
+/// operand, a few instructions an element.
+fn copyable(graph: &Graph, id: NodeId) -> bool {
+    matches!(
+        graph.node(id).op,
+        Op::Unary(_) | Op::Cast { .. } | Op::Scale { .. } | Op::AddScalar { .. }
+    )
+}
+
 /// A bias-free product of two f32 operands over at most `MAX_PRODUCT_K` terms, f32 result.
 fn small_f32_product(graph: &Graph, id: NodeId) -> bool {
     let n = graph.node(id);
@@ -112,9 +126,11 @@ fn find_groups(graph: &Graph, order: &[NodeId]) -> Vec<Vec<NodeId>> {
     let pos: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &id)| (id, i)).collect();
     let outputs: HashSet<NodeId> = graph.outputs.iter().map(|(_, id)| *id).collect();
     let mut taken: HashSet<NodeId> = HashSet::new();
+    // One-operand steps copied into groups while other users still read them.
+    let mut copied: HashSet<NodeId> = HashSet::new();
     let mut groups = Vec::new();
     for &root in order.iter().rev() {
-        if taken.contains(&root) || !fusable(graph, root) {
+        if taken.contains(&root) || copied.contains(&root) || !fusable(graph, root) {
             continue;
         }
         let rn = graph.node(root);
@@ -123,16 +139,48 @@ fn find_groups(graph: &Graph, order: &[NodeId]) -> Vec<Vec<NodeId>> {
         loop {
             let mut cands: Vec<NodeId> = inputs.iter().copied().collect();
             cands.sort_by_key(|id| std::cmp::Reverse(pos[id]));
-            let next = cands.into_iter().find(|&p| {
+            // A value whose readers are all in the group joins it; a one-operand step read
+            // elsewhere too (SwiGLU's `silu(gate)`, which a recomputed product input and the
+            // backward both read) is copied into the group instead (`copyable`).
+            let next = cands.into_iter().find_map(|p| {
                 let n = graph.node(p);
-                !taken.contains(&p)
+                let eligible = !taken.contains(&p)
                     && !outputs.contains(&p)
                     && fusable(graph, p)
-                    && n.ty.shape == rn.ty.shape
-                    && n.recompute == rn.recompute
-                    && graph.users(p).iter().all(|u| members.contains(u))
+                    && n.ty.shape == rn.ty.shape;
+                if !eligible {
+                    return None;
+                }
+                let users = graph.users(p);
+                if users.iter().any(|u| copied.contains(u)) {
+                    return None;
+                }
+                // A copy leaves the node where it is, so it may cross the recompute flag
+                // (the backward copying a recomputed `silu`); a joining node moves into the
+                // group and may not.
+                if users.iter().all(|u| members.contains(u)) && n.recompute == rn.recompute {
+                    Some((p, false))
+                } else {
+                    copyable(graph, p).then_some((p, true))
+                }
             });
-            let Some(p) = next else { break };
+            let Some((p, copy)) = next else { break };
+            if copy {
+                // Its operands stay inputs: the copy reads them, the original still exists.
+                if members.len() + 1 > MAX_STEPS {
+                    break;
+                }
+                let mut grown = inputs.clone();
+                grown.remove(&p);
+                grown.extend(graph.operands(p));
+                if grown.len() > MAX_INPUTS {
+                    break;
+                }
+                members.insert(p);
+                copied.insert(p);
+                inputs = grown;
+                continue;
+            }
             let mut grown = inputs.clone();
             grown.remove(&p);
             grown.extend(
@@ -169,7 +217,7 @@ fn find_groups(graph: &Graph, order: &[NodeId]) -> Vec<Vec<NodeId>> {
         if members.len() > 1 {
             let mut g: Vec<NodeId> = members.into_iter().collect();
             g.sort_by_key(|id| pos[id]);
-            taken.extend(g.iter().copied());
+            taken.extend(g.iter().copied().filter(|m| !copied.contains(m)));
             groups.push(g);
         }
     }
@@ -287,6 +335,31 @@ mod tests {
             "{steps:?}"
         );
         assert_eq!(g.g.node_count(), 4);
+    }
+
+    #[test]
+    fn a_cheap_step_read_by_two_chains_is_computed_in_both() {
+        // SwiGLU's backward under checkpointing: silu(gate) feeds the recomputed product
+        // input h = silu·up and the up-projection's gradient g·silu.
+        let mut g = Graph::new();
+        let s = scope();
+        let gate = input(&mut g, "gate", vec![4, 6], DType::BF16);
+        let up = input(&mut g, "up", vec![4, 6], DType::BF16);
+        let grad = input(&mut g, "grad", vec![4, 6], DType::BF16);
+        let act = g.add(Op::Unary(UnaryOp::Silu), &[gate], &s).unwrap();
+        let h = g.add(Op::Binary(BinaryOp::Mul), &[act, up], &s).unwrap();
+        let d_up = g.add(Op::Binary(BinaryOp::Mul), &[grad, act], &s).unwrap();
+        g.set_output("h", h);
+        g.set_output("d_up", d_up);
+        assert_eq!(fuse_checked(&mut g), (2, 4));
+        // No node computes silu alone any more.
+        assert!(g
+            .g
+            .node_indices()
+            .all(|id| !matches!(g.node(id).op, Op::Unary(UnaryOp::Silu))));
+        assert_eq!(g.operands(g.output("h").unwrap()), vec![gate, up]);
+        // Operands in the order the steps first read them: the copied silu runs first.
+        assert_eq!(g.operands(g.output("d_up").unwrap()), vec![gate, grad]);
     }
 
     #[test]
