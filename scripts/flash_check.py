@@ -50,6 +50,10 @@ DQ_ROWS = {32: 1, 64: 1, 128: 1}
 FWD_VARIANTS = {32: [], 64: [], 128: []}
 DQ_VARIANTS = {32: [], 64: [], 128: []}
 DKDV_VARIANTS = {32: [], 64: [], 128: []}
+# One-pass backward: entry names (same geometry; they differ in dQ columns per step, CH, and
+# CTAs per SM).
+FUSED_VARIANTS = {32: [], 64: ["flash_bwd_fused_d64_ch8", "flash_bwd_fused_d64_ch8b2"],
+                  128: ["flash_bwd_fused_d128_ch2", "flash_bwd_fused_d128_ch16"]}
 
 
 def fwd_default(d):
@@ -116,7 +120,7 @@ def dkdv_splits(T, nh, nkv, d):
 
 
 def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None, part=None,
-               kv=None, qv=None, scratch=None):
+               kv=None, qv=None, scratch=None, uv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     D = tiles(d)[0]
@@ -134,8 +138,9 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
         args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
                 ptr(dqacc), ptr(sem), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
                 np.float32(scale), np.float32(cap or 0.0))
-        launch(f"flash_bwd_fused_d{D}", (nblk * nh,), 32 * NW, (2 * b + 4 * b) * (D + 8) * 2 + 16 * b,
-               args)
+        # Below D = 64, dSᵀ has its own region (rows of b + 8).
+        smem = 6 * b * (D + 8) * 2 + 16 * b + (b * (b + 8) * 2 if D + 8 < b + 8 else 0)
+        launch(uv or f"flash_bwd_fused_d{D}", (nblk * nh,), 32 * NW, smem, args)
         if group > 1:
             launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
                    (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
@@ -173,13 +178,14 @@ def fused_scratch(T, nh, nkv, d):
             torch.zeros(nh * nblk, dtype=torch.int32, device=dev), part)
 
 
-def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None, qv=None, fused=False):
+def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None, qv=None, fused=False,
+              uv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     lse, delta = bwd_prep(q, k, v, g, scale, window, cap, fv=fv)
     dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
     if fused:
-        bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, window, cap)
+        bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, window, cap, uv=uv)
         return dqkv
     bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap, qv=qv)
     bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=nsplit, kv=kv)
@@ -237,12 +243,14 @@ def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0, variants=False)
                  for fv in FWD_VARIANTS[D]]
         runs += [(qv[0], o, dict(qv=qv)) for qv in DQ_VARIANTS[D]]
         runs += [(kv[0], o, dict(kv=kv)) for kv in DKDV_VARIANTS[D]]
+        if not window:
+            runs += [(uv, o, dict(fused=True, uv=uv)) for uv in FUSED_VARIANTS[D]]
     for what, out, kw in runs:
         dqkv = flash_bwd(q, k, v, g, scale, window, cap, **kw)
         # The fused kernel's dQ order rests on counters between CTAs: more runs, more chances
         # to catch a race.
         det = True
-        for _ in range(5 if kw.get("fused") else 1):
+        for _ in range(5 if kw.get("fused") and T >= 4096 else 2 if kw.get("fused") else 1):
             again = flash_bwd(q, k, v, g, scale, window, cap, **kw)
             torch.cuda.synchronize()
             det &= torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
@@ -334,6 +342,10 @@ def bench(T, nh, nkv, d, window=None, variants=False):
             t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
                                          kv=kv))
             print(f"  variant {kv[0]}: dkdv+reduce {t*1e3:.3f} ms", flush=True)
+        for uv in FUSED_VARIANTS[D] if not window else []:
+            t = timed(lambda: bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, None, None,
+                                         scratch=scr, uv=uv))
+            print(f"  variant {uv}: fused+reduce {t*1e3:.3f} ms", flush=True)
 
 
 def main():

@@ -148,9 +148,15 @@ impl Tiles {
         (32 * self.bwd_warps + 4 * self.bq) * self.row_bytes() + 16 * self.bq
     }
 
-    /// K, V (one block each), Q and dO (two tiles each), lse and delta (two tiles each).
+    /// K, V (one block each), Q and dO (two tiles each), lse and delta (two tiles each), and
+    /// below `D = 64` a tile for dSᵀ (elsewhere it takes the dO tile's place).
     fn fused_smem(&self) -> usize {
-        6 * FUSED_BLOCK * self.row_bytes() + 16 * FUSED_BLOCK
+        let own_ds = if self.width < FUSED_BLOCK {
+            FUSED_BLOCK * (FUSED_BLOCK + 8) * 2
+        } else {
+            0
+        };
+        6 * FUSED_BLOCK * self.row_bytes() + 16 * FUSED_BLOCK + own_ds
     }
 }
 
@@ -670,7 +676,12 @@ mod tests {
             Ok(ptx) => {
                 let src = ptx.to_src();
                 for w in WIDTHS {
-                    for k in ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv", "flash_bwd_fused"] {
+                    for k in [
+                        "flash_fwd",
+                        "flash_bwd_dq",
+                        "flash_bwd_dkdv",
+                        "flash_bwd_fused",
+                    ] {
                         let entry = format!(".entry {k}_d{w}(");
                         assert!(src.contains(&entry), "missing {entry}");
                     }
@@ -860,6 +871,7 @@ mod tests {
         };
         let cases = [
             (1, 2, 1, 64, None, None),
+            (100, 4, 1, 16, None, None),
             (77, 4, 2, 32, Some(20), None),
             (130, 4, 2, 128, None, Some(30.0)),
             (200, 8, 2, 64, Some(50), Some(20.0)),

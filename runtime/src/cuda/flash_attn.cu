@@ -746,6 +746,8 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
 // key block 0, which never waits. Query tiles are visited last to first so that neighbouring key
 // blocks, started about together, reach tile i at the same step: the wait is about one tile's
 // dQ add, not a step per key block (ascending order makes block kb trail block kb−1 by a step).
+// dSᵀ needs rows of BQ + 8: below D = 64 the dO buffer's rows are too short, and dSᵀ gets its
+// own region after the statistics.
 // dK, dV as flash_bwd_dkdv with nsplit = the GQA group (dkdv_store, then flash_bwd_dkdv_reduce).
 __device__ __forceinline__ void sem_wait(const int* s, int want) {
     int v;
@@ -772,6 +774,8 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
                                                 float* __restrict__ dqacc, int* __restrict__ sem, int T, int nh,
                                                 int nkv, int d, float scale, float cap) {
     constexpr int BK = 16 * NW, BQ = BK, LD = D + 8, NT = 32 * NW, NO = D / 8, QS = BK / 16;
+    constexpr bool OWN_S = LD < BQ + 8;
+    constexpr int LDS = OWN_S ? BQ + 8 : LD;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
     u16* sV = sK + BK * LD;
@@ -821,6 +825,7 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
 
         const u16* q_t = sQ + buf * BQ * LD;
         u16* g_t = sG + buf * BQ * LD;
+        u16* sS = OWN_S ? (u16*)(sD + 2 * BQ) : g_t;
         // Only the diagonal tile and a ragged last tile have hidden entries.
         const bool mask = i0 + BQ > T || w0 + 15 > i0;
         u32 pf[BQ / 16][4];
@@ -831,7 +836,7 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
         for (int kk = 0; kk < BQ / 16; ++kk)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
-                *(u32*)(g_t + (warp * 16 + g + 8 * (e & 1)) * LD + kk * 16 + 8 * (e >> 1) + 2 * t4) = pf[kk][e];
+                *(u32*)(sS + (warp * 16 + g + 8 * (e & 1)) * LDS + kk * 16 + 8 * (e >> 1) + 2 * t4) = pf[kk][e];
         int* s = sem + (long long)h * nblk + qt;
         if (kb > 0 && tid == 0) sem_wait(s, kb);
         __syncthreads();
@@ -840,9 +845,9 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
         // tiles (8 columns each) at a time to bound registers.
         u32 a[QS][4];
         {
-            const u32 base = smem_u32(g_t + ((lane & 7) + ((lane >> 4) << 3)) * LD + warp * 16 + ((lane >> 3) & 1) * 8);
+            const u32 base = smem_u32(sS + ((lane & 7) + ((lane >> 4) << 3)) * LDS + warp * 16 + ((lane >> 3) & 1) * 8);
 #pragma unroll
-            for (int kk = 0; kk < QS; ++kk) ldsm_x4_t(a[kk], base + kk * 16 * LD * 2);
+            for (int kk = 0; kk < QS; ++kk) ldsm_x4_t(a[kk], base + kk * 16 * LDS * 2);
         }
         const bool first = kb == 0, last = kb == qt;
 #pragma unroll
@@ -893,6 +898,9 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
 //   fwd:    grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (16·RW·NW + 4BC)·(D+8)·2
 //   dq:     grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (32·RW·NW + 4BC)·(D+8)·2
 //   dkdv:   grid ceil(T / 16NW)·nkv·nsplit,  block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+//   fused:  grid ceil(T / 16NW)·nh,          block 32NW, smem 6·16NW·(D+8)·2 + 16·16NW
+//           (+ 16NW·(16NW+8)·2 where D < 16NW); scratch dqacc f32 nh·T·d, sem int nh·ceil(T/16NW)
+//           zeroed, part as dkdv with nsplit = nh/nkv
 //   reduce: grid ceil(T·2nkv·d / 4 / 256),   block 256 (only where nsplit > 1)
 #define FWD(name, D, NW, BC, RW)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
@@ -941,3 +949,8 @@ DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
 FUSED(flash_bwd_fused_d32, 32, 4, 4, 1)
 FUSED(flash_bwd_fused_d64, 64, 4, 4, 3)
 FUSED(flash_bwd_fused_d128, 128, 4, 4, 1)
+// Candidates (scripts/flash_check.py FUSED_VARIANTS).
+FUSED(flash_bwd_fused_d64_ch8, 64, 4, 8, 3)
+FUSED(flash_bwd_fused_d64_ch8b2, 64, 4, 8, 2)
+FUSED(flash_bwd_fused_d128_ch2, 128, 4, 2, 1)
+FUSED(flash_bwd_fused_d128_ch16, 128, 4, 16, 1)
