@@ -50,10 +50,15 @@ DQ_ROWS = {32: 1, 64: 1, 128: 1}
 FWD_VARIANTS = {32: [], 64: [], 128: []}
 DQ_VARIANTS = {32: [], 64: [], 128: []}
 DKDV_VARIANTS = {32: [], 64: [], 128: []}
-# One-pass backward: entry names (same geometry; they differ in dQ columns per step, CH, and
-# CTAs per SM).
-FUSED_VARIANTS = {32: [], 64: ["flash_bwd_fused_d64_ch8", "flash_bwd_fused_d64_ch8b2"],
-                  128: ["flash_bwd_fused_d128_ch2", "flash_bwd_fused_d128_ch16"]}
+# One-pass backward: (entry, warps = keys per CTA / 16, query tile). FUSED_TIMING: timing
+# experiments that compute wrong results (no counters; no dQ memory traffic), timed only.
+FUSED_BQ = 64
+FUSED_VARIANTS = {32: [], 64: [("flash_bwd_fused_d64_k128", 8, 64)],
+                  128: [("flash_bwd_fused_d128_k128", 8, 64)]}
+FUSED_TIMING = {32: [], 64: [("flash_bwd_fused_d64_nosem", 4, 64), ("flash_bwd_fused_d64_nodq", 4, 64)],
+                128: [("flash_bwd_fused_d128_nosem", 4, 64), ("flash_bwd_fused_d128_nodq", 4, 64),
+                      ("flash_bwd_fused_d128_k128_nosem", 8, 64),
+                      ("flash_bwd_fused_d128_k128_nodq", 8, 64)]}
 
 
 def fwd_default(d):
@@ -129,7 +134,7 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
         # and per-(head, query tile) counters (zeroed every call), dK/dV partials per query
         # head of the group (reduced where the group has more than one head).
         assert not window
-        _, _, _, NW, _ = tiles(d)
+        name, NW, bq = uv or (f"flash_bwd_fused_d{D}", tiles(d)[3], FUSED_BQ)
         b = 16 * NW
         nblk = math.ceil(T / b)
         group = nh // nkv
@@ -138,9 +143,10 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
         args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
                 ptr(dqacc), ptr(sem), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
                 np.float32(scale), np.float32(cap or 0.0))
-        # Below D = 64, dSᵀ has its own region (rows of b + 8).
-        smem = 6 * b * (D + 8) * 2 + 16 * b + (b * (b + 8) * 2 if D + 8 < b + 8 else 0)
-        launch(uv or f"flash_bwd_fused_d{D}", (nblk * nh,), 32 * NW, smem, args)
+        # dSᵀ [b keys][bq queries] has its own region where the dO tile cannot hold it.
+        own = D < bq or b > bq
+        smem = (2 * b + 4 * bq) * (D + 8) * 2 + 16 * bq + (b * (bq + 8) * 2 if own else 0)
+        launch(name, (nblk * nh,), 32 * NW, smem, args)
         if group > 1:
             launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
                    (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
@@ -171,7 +177,7 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
 def fused_scratch(T, nh, nkv, d):
     """dQ f32 accumulator [nh, T, d], counters [nh, T/64], dK/dV partials (or None)."""
     dev = "cuda"
-    nblk = math.ceil(T / (16 * tiles(d)[3]))
+    nblk = math.ceil(T / FUSED_BQ)
     part = (torch.empty(nh // nkv, T, 2 * nkv * d, dtype=torch.float32, device=dev)
             if nh > nkv else None)
     return (torch.empty(nh, T, d, dtype=torch.float32, device=dev),
@@ -244,7 +250,7 @@ def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0, variants=False)
         runs += [(qv[0], o, dict(qv=qv)) for qv in DQ_VARIANTS[D]]
         runs += [(kv[0], o, dict(kv=kv)) for kv in DKDV_VARIANTS[D]]
         if not window:
-            runs += [(uv, o, dict(fused=True, uv=uv)) for uv in FUSED_VARIANTS[D]]
+            runs += [(uv[0], o, dict(fused=True, uv=uv)) for uv in FUSED_VARIANTS[D]]
     for what, out, kw in runs:
         dqkv = flash_bwd(q, k, v, g, scale, window, cap, **kw)
         # The fused kernel's dQ order rests on counters between CTAs: more runs, more chances
@@ -342,10 +348,10 @@ def bench(T, nh, nkv, d, window=None, variants=False):
             t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
                                          kv=kv))
             print(f"  variant {kv[0]}: dkdv+reduce {t*1e3:.3f} ms", flush=True)
-        for uv in FUSED_VARIANTS[D] if not window else []:
+        for uv in FUSED_VARIANTS[D] + FUSED_TIMING[D] if not window else []:
             t = timed(lambda: bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, None, None,
                                          scratch=scr, uv=uv))
-            print(f"  variant {uv}: fused+reduce {t*1e3:.3f} ms", flush=True)
+            print(f"  variant {uv[0]}: fused+reduce {t*1e3:.3f} ms", flush=True)
 
 
 def main():

@@ -766,15 +766,22 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #endif
 }
 
-template <int D, int NW, int CH>
+// BK = 16·NW keys per CTA, query tiles of BQ rows (BK a multiple of BQ: key block kb's diagonal
+// covers query tiles kb·BK/BQ ..). The dQ step splits the BQ x D tile over the warps: BQ/16 row
+// groups times NW/(BQ/16) column groups, CH accumulator tiles (8 columns each) per product.
+// MODE (timing experiments only, wrong results): 1 skips the counters, 2 the dQ memory traffic.
+template <int D, int NW, int BQ, int CH, int MODE>
 __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const u16* __restrict__ k,
                                                 const u16* __restrict__ v, const u16* __restrict__ go,
                                                 const float* __restrict__ lse, const float* __restrict__ delta,
                                                 u16* __restrict__ dqkv, float* __restrict__ part,
                                                 float* __restrict__ dqacc, int* __restrict__ sem, int T, int nh,
                                                 int nkv, int d, float scale, float cap) {
-    constexpr int BK = 16 * NW, BQ = BK, LD = D + 8, NT = 32 * NW, NO = D / 8, QS = BK / 16;
-    constexpr bool OWN_S = LD < BQ + 8;
+    constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, NO = D / 8, R = BK / BQ;
+    constexpr int RG = BQ / 16, CG = NW / RG, NOW = NO / CG;
+    static_assert(BK % BQ == 0 && NW % RG == 0 && NO % CG == 0 && NOW % CH == 0, "fused tiling");
+    // dSᵀ [key][query] takes the dO tile's place where that has BK rows of at least BQ + 8.
+    constexpr bool OWN_S = LD < BQ + 8 || BK > BQ;
     constexpr int LDS = OWN_S ? BQ + 8 : LD;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
@@ -785,14 +792,14 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
     float* sD = sL + 2 * BQ;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
-    const int nblk = (T + BK - 1) / BK, kb = blockIdx.x / nh, h = blockIdx.x % nh;
-    const int group = nh / nkv, kh = h / group, split = h % group, k0 = kb * BK, total = nblk - kb;
+    const int nq = (T + BQ - 1) / BQ, kb = blockIdx.x / nh, h = blockIdx.x % nh;
+    const int group = nh / nkv, kh = h / group, split = h % group, k0 = kb * BK, total = nq - kb * R;
     const long long qs = (long long)nh * d, ks = (long long)nkv * d;
 
     load_tile<BK, D, LD, NT>(sK, k + (long long)kh * d, k0, T, ks, d, tid);
     load_tile<BK, D, LD, NT>(sV, v + (long long)kh * d, k0, T, ks, d, tid);
     auto load_q = [&](int it, int b) {
-        const int i0 = (nblk - 1 - it) * BQ;
+        const int i0 = (nq - 1 - it) * BQ;
         load_tile<BQ, D, LD, NT>(sQ + b * BQ * LD, q + (long long)h * d, i0, T, qs, d, tid);
         load_tile<BQ, D, LD, NT>(sG + b * BQ * LD, go + (long long)h * d, i0, T, qs, d, tid);
         for (int r = tid; r < BQ; r += NT) {
@@ -815,9 +822,10 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
     const int w0 = k0 + warp * 16;
     const int keys[2] = {w0 + g, w0 + g + 8};
     const long long os = (long long)(nh + 2 * nkv) * d;
+    const int rg = warp % RG, cg = warp / RG;
 
     for (int it = 0; it < total; ++it) {
-        const int buf = it & 1, qt = nblk - 1 - it, i0 = qt * BQ;
+        const int buf = it & 1, qt = nq - 1 - it, i0 = qt * BQ;
         if (it + 1 < total) load_q(it + 1, buf ^ 1);
         cp_commit();
         cp_wait<1>();
@@ -826,39 +834,51 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
         const u16* q_t = sQ + buf * BQ * LD;
         u16* g_t = sG + buf * BQ * LD;
         u16* sS = OWN_S ? (u16*)(sD + 2 * BQ) : g_t;
-        // Only the diagonal tile and a ragged last tile have hidden entries.
+        // Only diagonal tiles and a ragged last tile have hidden entries.
         const bool mask = i0 + BQ > T || w0 + 15 > i0;
         u32 pf[BQ / 16][4];
         dkdv_tile<D, BQ>(dk, dv, pf, sK + warp * 16 * LD, sV + warp * 16 * LD, q_t, g_t, sL + buf * BQ,
                          sD + buf * BQ, i0, keys, mask, T, 0, sl2, sc, cl2, lane);
-        __syncthreads();  // every warp is done with dO: its buffer takes dSᵀ [key][query]
+        if (!OWN_S) __syncthreads();  // every warp is done with dO: its buffer takes dSᵀ
 #pragma unroll
         for (int kk = 0; kk < BQ / 16; ++kk)
 #pragma unroll
             for (int e = 0; e < 4; ++e)
                 *(u32*)(sS + (warp * 16 + g + 8 * (e & 1)) * LDS + kk * 16 + 8 * (e >> 1) + 2 * t4) = pf[kk][e];
-        int* s = sem + (long long)h * nblk + qt;
-        if (kb > 0 && tid == 0) sem_wait(s, kb);
+        int* s = sem + (long long)h * nq + qt;
+        if (MODE != 1 && kb > 0 && tid == 0) sem_wait(s, kb);
         __syncthreads();
 
-        // dQ rows warp·16.. of the tile: A = dS (ldmatrix.trans of dSᵀ), B = K; CH accumulator
-        // tiles (8 columns each) at a time to bound registers.
-        u32 a[QS][4];
-        {
-            const u32 base = smem_u32(sS + ((lane & 7) + ((lane >> 4) << 3)) * LDS + warp * 16 + ((lane >> 3) & 1) * 8);
+        // dQ rows rg·16.. of the tile, columns of group cg: A = dS (ldmatrix.trans of dSᵀ),
+        // B = K, reduced over the block's BK keys.
+        const bool first = kb == 0, last = kb == qt / R;
+        const u32 a_base = smem_u32(sS + ((lane & 7) + ((lane >> 4) << 3)) * LDS + rg * 16 + ((lane >> 3) & 1) * 8);
+        const u32 b_base = smem_u32(sK + ((lane & 7) + (((lane >> 3) & 1) << 3)) * LD + (lane >> 4) * 8);
 #pragma unroll
-            for (int kk = 0; kk < QS; ++kk) ldsm_x4_t(a[kk], base + kk * 16 * LDS * 2);
-        }
-        const bool first = kb == 0, last = kb == qt;
-#pragma unroll
-        for (int c0 = 0; c0 < NO; c0 += CH) {
+        for (int c0 = cg * NOW; c0 < (cg + 1) * NOW; c0 += CH) {
             float acc[CH][4];
 #pragma unroll
             for (int i = 0; i < CH; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-            mma_rn<QS, CH, LD>(acc, a, sK + c0 * 8, lane);
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                u32 a[4];
+                ldsm_x4_t(a, a_base + kk * 16 * LDS * 2);
+#pragma unroll
+                for (int nb = 0; nb < CH; nb += 2) {
+                    u32 b[4];
+                    ldsm_x4_t(b, b_base + (kk * 16 * LD + (c0 + nb) * 8) * 2);
+                    mma16816(acc[nb], a, b[0], b[1]);
+                    mma16816(acc[nb + 1], a, b[2], b[3]);
+                }
+            }
+            if (MODE == 2) {
+                // Keep the products alive without memory traffic.
+                if (acc[0][0] == 12345.0f) dqacc[0] = acc[CH - 1][3];
+                continue;
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const int row = i0 + warp * 16 + g + 8 * half;
+                const int row = i0 + rg * 16 + g + 8 * half;
                 if (row >= T) continue;
                 float* arow = dqacc + ((long long)h * T + row) * d;
 #pragma unroll
@@ -884,7 +904,7 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
         }
         // Release: every thread's share is issued; the fence orders them before the count.
         __syncthreads();
-        if (tid == 0 && !last) {
+        if (MODE != 1 && tid == 0 && !last) {
             __threadfence();
             atomicAdd(s, 1);
         }
@@ -929,12 +949,13 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
 // 16 rows each (register-bound: dK and dV, or dQ, plus two score tiles); a dK/dV query tile
 // of 32, or 8 warps, lost 8-12 %. __launch_bounds__(.., 3) keeps dK/dV at D = 64 at 168
 // registers (3 CTAs per SM; the split's epilogue had pushed it to 220).
-#define FUSED(name, D, NW, CH, MINB)                                                                     \
+#define FUSED(name, D, NW, BQ, CH, MINB, MODE)                                                         \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB) name(                                          \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, float* part, float* dqacc, int* sem, int T, int nh, int nkv, int d, float scale,            \
         float cap) {                                                                                           \
-        flash_bwd_fused<D, NW, CH>(q, k, v, go, lse, delta, dqkv, part, dqacc, sem, T, nh, nkv, d, scale, cap); \
+        flash_bwd_fused<D, NW, BQ, CH, MODE>(q, k, v, go, lse, delta, dqkv, part, dqacc, sem, T, nh, nkv, d,   \
+                                             scale, cap);                                                      \
     }
 
 FWD(flash_fwd_d32, 32, 4, 64, 1)
@@ -946,11 +967,16 @@ DQ(flash_bwd_dq_d128, 128, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
-FUSED(flash_bwd_fused_d32, 32, 4, 4, 1)
-FUSED(flash_bwd_fused_d64, 64, 4, 4, 3)
-FUSED(flash_bwd_fused_d128, 128, 4, 4, 1)
-// Candidates (scripts/flash_check.py FUSED_VARIANTS).
-FUSED(flash_bwd_fused_d64_ch8, 64, 4, 8, 3)
-FUSED(flash_bwd_fused_d64_ch8b2, 64, 4, 8, 2)
-FUSED(flash_bwd_fused_d128_ch2, 128, 4, 2, 1)
-FUSED(flash_bwd_fused_d128_ch16, 128, 4, 16, 1)
+FUSED(flash_bwd_fused_d32, 32, 4, 64, 4, 1, 0)
+FUSED(flash_bwd_fused_d64, 64, 4, 64, 8, 3, 0)
+FUSED(flash_bwd_fused_d128, 128, 4, 64, 16, 1, 0)
+// Candidates (scripts/flash_check.py FUSED_VARIANTS): 128 keys per CTA (8 warps); and timing
+// experiments (wrong results, FUSED_TIMING): without counters, without dQ memory traffic.
+FUSED(flash_bwd_fused_d64_k128, 64, 8, 64, 4, 1, 0)
+FUSED(flash_bwd_fused_d128_k128, 128, 8, 64, 8, 1, 0)
+FUSED(flash_bwd_fused_d64_nosem, 64, 4, 64, 8, 3, 1)
+FUSED(flash_bwd_fused_d64_nodq, 64, 4, 64, 8, 3, 2)
+FUSED(flash_bwd_fused_d128_nosem, 128, 4, 64, 16, 1, 1)
+FUSED(flash_bwd_fused_d128_nodq, 128, 4, 64, 16, 1, 2)
+FUSED(flash_bwd_fused_d128_k128_nosem, 128, 8, 64, 8, 1, 1)
+FUSED(flash_bwd_fused_d128_k128_nodq, 128, 8, 64, 8, 1, 2)
