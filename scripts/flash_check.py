@@ -52,13 +52,12 @@ DQ_VARIANTS = {32: [], 64: [], 128: []}
 DKDV_VARIANTS = {32: [], 64: [], 128: []}
 # One-pass backward: (entry, warps = keys per CTA / 16, query tile). FUSED_TIMING: timing
 # experiments that compute wrong results (no counters; no dQ memory traffic), timed only.
+# Warps (16 keys each) per CTA of the defaults, as flash.rs `Tiles::fused_warps`; query tile 64.
 FUSED_BQ = 64
-FUSED_VARIANTS = {32: [], 64: [("flash_bwd_fused_d64_k128", 8, 64)],
-                  128: [("flash_bwd_fused_d128_k128", 8, 64)]}
+FUSED_WARPS = {32: 4, 64: 4, 128: 8}
+FUSED_VARIANTS = {32: [], 64: [], 128: []}
 FUSED_TIMING = {32: [], 64: [("flash_bwd_fused_d64_nosem", 4, 64), ("flash_bwd_fused_d64_nodq", 4, 64)],
-                128: [("flash_bwd_fused_d128_nosem", 4, 64), ("flash_bwd_fused_d128_nodq", 4, 64),
-                      ("flash_bwd_fused_d128_k128_nosem", 8, 64),
-                      ("flash_bwd_fused_d128_k128_nodq", 8, 64)]}
+                128: [("flash_bwd_fused_d128_nosem", 8, 64), ("flash_bwd_fused_d128_nodq", 8, 64)]}
 
 
 def fwd_default(d):
@@ -134,7 +133,7 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
         # and per-(head, query tile) counters (zeroed every call), dK/dV partials per query
         # head of the group (reduced where the group has more than one head).
         assert not window
-        name, NW, bq = uv or (f"flash_bwd_fused_d{D}", tiles(d)[3], FUSED_BQ)
+        name, NW, bq = uv or (f"flash_bwd_fused_d{D}", FUSED_WARPS[D], FUSED_BQ)
         b = 16 * NW
         nblk = math.ceil(T / b)
         group = nh // nkv

@@ -93,12 +93,18 @@ struct Tiles {
     dq_rows: usize,
     /// Query tile of the dK/dV kernel.
     bq: usize,
+    /// Warps of the one-pass backward, 16 keys each.
+    fused_warps: usize,
+    /// Whether `backward` takes the one-pass kernel where it applies (no window).
+    one_pass: bool,
 }
 
-/// Keys (and queries) per tile of the one-pass backward: 16 per warp, `bwd_warps` warps; its
-/// shared memory is `dkdv_smem` with `bq` equal to this.
-const FUSED_WARPS: usize = 4;
-const FUSED_BLOCK: usize = 16 * FUSED_WARPS;
+/// Query tile of the one-pass backward (its dQ counters are per tile of this many rows).
+const FUSED_BQ: usize = 64;
+
+/// Whether the backward without a window takes the one-pass kernel. Measured on an H200
+/// (notes/CUDA.md, T = 4096, 32/8 heads, with saved O/lse): PLACEHOLDER
+const ONE_PASS: bool = false;
 
 impl Tiles {
     /// Measured on an H200 (notes/CUDA.md): two row groups per forward warp pay off only at
@@ -112,6 +118,8 @@ impl Tiles {
             bwd_warps: 4,
             dq_rows: 1,
             bq: 64,
+            fused_warps: if width == 128 { 8 } else { 4 },
+            one_pass: ONE_PASS,
         }
     }
 
@@ -148,15 +156,22 @@ impl Tiles {
         (32 * self.bwd_warps + 4 * self.bq) * self.row_bytes() + 16 * self.bq
     }
 
+    /// Keys per CTA of the one-pass backward.
+    fn fused_block(&self) -> usize {
+        16 * self.fused_warps
+    }
+
     /// K, V (one block each), Q and dO (two tiles each), lse and delta (two tiles each), and
-    /// below `D = 64` a tile for dSᵀ (elsewhere it takes the dO tile's place).
+    /// a dSᵀ tile `[keys][FUSED_BQ + 8]` where the dO tile cannot take it (rows too short, or
+    /// more keys than queries).
     fn fused_smem(&self) -> usize {
-        let own_ds = if self.width < FUSED_BLOCK {
-            FUSED_BLOCK * (FUSED_BLOCK + 8) * 2
+        let bk = self.fused_block();
+        let own_ds = if self.width < FUSED_BQ || bk > FUSED_BQ {
+            bk * (FUSED_BQ + 8) * 2
         } else {
             0
         };
-        6 * FUSED_BLOCK * self.row_bytes() + 16 * FUSED_BLOCK + own_ds
+        (2 * bk + 4 * FUSED_BQ) * self.row_bytes() + 16 * FUSED_BQ + own_ds
     }
 }
 
@@ -322,6 +337,24 @@ impl Flash {
         dqkv: &mut CudaSlice<u16>,
         dims: &AttnDims,
     ) -> Result<(), KernelError> {
+        let one_pass = self.kernels(dims.d).tiles.one_pass;
+        self.backward_path(stream, q, k, v, g, saved, dqkv, dims, one_pass)
+    }
+
+    /// `backward` by the one-pass kernel (where there is no window) or by the two kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_path(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        g: &CudaSlice<u16>,
+        saved: Option<(&CudaSlice<u16>, &CudaSlice<f32>)>,
+        dqkv: &mut CudaSlice<u16>,
+        dims: &AttnDims,
+        one_pass: bool,
+    ) -> Result<(), KernelError> {
         let op = "attention_backward";
         check(
             op,
@@ -380,7 +413,7 @@ impl Flash {
         let kern = self.kernels(dims.d);
         let tl = kern.tiles;
         let a = Args::new(dims);
-        if a.window == 0 {
+        if one_pass && a.window == 0 {
             return self.launch_fused(op, stream, kern, [q, k, v, g], lse, &delta, dqkv, dims, &a);
         }
         let mut b = stream.launch_builder(&kern.dq);
@@ -456,14 +489,15 @@ impl Flash {
     ) -> Result<(), KernelError> {
         let (t, nh, d) = (dims.t, dims.nh, dims.d);
         let group = nh / dims.nkv;
-        let blocks = t.div_ceil(FUSED_BLOCK);
+        let tl = kern.tiles;
+        let tiles = t.div_ceil(FUSED_BQ);
         let scratch = |what: &str, e| cuda_err(op, &format!("allocating the {what} scratch"), e);
         // SAFETY (dqacc): key block 0 stores every (head, row < T, column < d) element of a
         // query tile before any other key block reads or adds to it (the counters order them).
         let mut dqacc = unsafe { stream.alloc::<f32>(nh * t * d) }.map_err(|e| scratch("dQ", e))?;
         // The counters must start at zero: key block kb waits for the count kb.
         let mut sem = stream
-            .alloc_zeros::<i32>(nh * blocks)
+            .alloc_zeros::<i32>(nh * tiles)
             .map_err(|e| scratch("dQ counter", e))?;
         // SAFETY: as in `backward` for nsplit = group.
         let mut part = match group {
@@ -499,14 +533,9 @@ impl Flash {
         // flash_attn.cu); part holds group·T·2·nkv·d floats, dqacc nh·T·d, sem nh·ceil(T/64)
         // ints; the shared memory was granted in `new`. The grid is block-major, so a CTA
         // waits only for CTAs of lower index (started before it): no deadlock.
-        unsafe {
-            b.launch(config(
-                blocks * nh,
-                32 * FUSED_WARPS,
-                kern.tiles.fused_smem(),
-            ))
-        }
-        .map_err(|e| cuda_err(op, "flash_bwd_fused launch", e))?;
+        let grid = t.div_ceil(tl.fused_block()) * nh;
+        unsafe { b.launch(config(grid, 32 * tl.fused_warps, tl.fused_smem())) }
+            .map_err(|e| cuda_err(op, "flash_bwd_fused launch", e))?;
         match &part {
             Some(p) => self.launch_reduce(op, stream, p, dqkv, group as i32, a),
             None => Ok(()),
@@ -900,6 +929,7 @@ mod tests {
             let mut dqkv = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
             let mut lse = stream.alloc_zeros::<f32>(nh * t).unwrap();
             let mut dqkv_saved = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
+            let mut dqkv_other = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
             flash
                 .forward(
                     &stream,
@@ -929,6 +959,21 @@ mod tests {
                     &dims,
                 )
                 .unwrap();
+            // The path `backward` does not take (one pass or two kernels), checked as well.
+            let other = !flash.kernels(d).tiles.one_pass;
+            flash
+                .backward_path(
+                    &stream,
+                    &q_dev,
+                    &k_dev,
+                    &v_dev,
+                    &g_dev,
+                    saved,
+                    &mut dqkv_other,
+                    &dims,
+                    other,
+                )
+                .unwrap();
             let down = |s: &CudaSlice<u16>| -> Vec<f32> {
                 let h = stream.clone_dtoh(s).unwrap();
                 h.iter()
@@ -936,6 +981,7 @@ mod tests {
                     .collect()
             };
             let (out, dqkv, dqkv_saved) = (down(&out), down(&dqkv), down(&dqkv_saved));
+            let dqkv_other = down(&dqkv_other);
             // The forward is deterministic, so its saved statistics are the recomputed ones.
             assert!(
                 dqkv.iter()
@@ -960,24 +1006,16 @@ mod tests {
             let want_out = f32s(cpu.eval(&fwd, &[&hq, &hk, &hv]).unwrap());
             let want = f32s(cpu.eval(&bwd, &[&hq, &hk, &hv, &hg]).unwrap());
             let all = nh + 2 * nkv;
-            let parts = [
-                ("out", out.clone(), want_out),
-                (
-                    "dq",
-                    heads(&dqkv, t, all, d, 0, nh),
-                    heads(&want, t, all, d, 0, nh),
-                ),
-                (
-                    "dk",
-                    heads(&dqkv, t, all, d, nh, nh + nkv),
-                    heads(&want, t, all, d, nh, nh + nkv),
-                ),
-                (
-                    "dv",
-                    heads(&dqkv, t, all, d, nh + nkv, all),
-                    heads(&want, t, all, d, nh + nkv, all),
-                ),
-            ];
+            let mut parts = vec![("out".to_string(), out.clone(), want_out)];
+            for (path, res) in [("", &dqkv), ("other path: ", &dqkv_other)] {
+                for (name, lo, hi) in [("dq", 0, nh), ("dk", nh, nh + nkv), ("dv", nh + nkv, all)] {
+                    parts.push((
+                        format!("{path}{name}"),
+                        heads(res, t, all, d, lo, hi),
+                        heads(&want, t, all, d, lo, hi),
+                    ));
+                }
+            }
             for (name, got, want) in parts {
                 let e = rel_err(&got, &want);
                 assert!(e <= 1e-2, "{dims:?}: {name} relative error {e:.2e}");

@@ -756,13 +756,18 @@ __device__ __forceinline__ void sem_wait(const int* s, int want) {
     } while (v != want);
 }
 
-// f32 pair added to global memory, no return value (under the semaphore, one CTA at a time).
-__device__ __forceinline__ void red_add2(float* p, float a, float b) {
+// Four f32 added to global memory (16-byte aligned), no return value: one vector reduction on
+// sm_90 (the dQ additions are the one-pass kernel's largest cost; fewer, wider ones halve the
+// operations the L2 must do), scalar atomics before.
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float e) {
 #if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(e)
+                 : "memory");
 #else
     atomicAdd(p, a);
     atomicAdd(p + 1, b);
+    atomicAdd(p + 2, c);
+    atomicAdd(p + 3, e);
 #endif
 }
 
@@ -876,6 +881,26 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
                 if (acc[0][0] == 12345.0f) dqacc[0] = acc[CH - 1][3];
                 continue;
             }
+            if (!first && !last) {
+                // Lanes t, t^1 swap pairs: the even one adds 4 columns of row g, the odd one of
+                // row g + 8 (every lane shuffles, so no lane may skip ahead of the bounds test).
+                const int odd = t4 & 1, row = i0 + rg * 16 + g + 8 * odd;
+                float* arow = dqacc + ((long long)h * T + row) * d;
+#pragma unroll
+                for (int nb = 0; nb < CH; ++nb) {
+                    // Selects, not a computed index: that would put acc in local memory.
+                    const float s0 = odd ? acc[nb][0] : acc[nb][2], s1 = odd ? acc[nb][1] : acc[nb][3];
+                    const float r0 = __shfl_xor_sync(0xffffffff, s0, 1), r1 = __shfl_xor_sync(0xffffffff, s1, 1);
+                    const int col = (c0 + nb) * 8 + 2 * (t4 & 2);
+                    if (row < T && col < d) {
+                        if (odd)
+                            red_add4(arow + col, r0, r1, acc[nb][2], acc[nb][3]);
+                        else
+                            red_add4(arow + col, acc[nb][0], acc[nb][1], r0, r1);
+                    }
+                }
+                continue;
+            }
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 const int row = i0 + rg * 16 + g + 8 * half;
@@ -894,10 +919,8 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
                         }
                         *(u32*)(dqkv + (long long)row * os + (long long)h * d + col) =
                             pack_bf16(x0 * scale, x1 * scale);
-                    } else if (first) {
-                        __stcg((float2*)(arow + col), make_float2(x0, x1));
                     } else {
-                        red_add2(arow + col, x0, x1);
+                        __stcg((float2*)(arow + col), make_float2(x0, x1));
                     }
                 }
             }
@@ -967,16 +990,14 @@ DQ(flash_bwd_dq_d128, 128, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
+// One-pass backward: 128 keys per CTA (8 warps) at D = 128 halve the dQ additions against 64
+// (2.40 against 2.60 ms at T = 4096); at D = 64, 4 warps keep 3 CTAs per SM (1.42 against 1.70).
 FUSED(flash_bwd_fused_d32, 32, 4, 64, 4, 1, 0)
 FUSED(flash_bwd_fused_d64, 64, 4, 64, 8, 3, 0)
-FUSED(flash_bwd_fused_d128, 128, 4, 64, 16, 1, 0)
-// Candidates (scripts/flash_check.py FUSED_VARIANTS): 128 keys per CTA (8 warps); and timing
-// experiments (wrong results, FUSED_TIMING): without counters, without dQ memory traffic.
-FUSED(flash_bwd_fused_d64_k128, 64, 8, 64, 4, 1, 0)
-FUSED(flash_bwd_fused_d128_k128, 128, 8, 64, 8, 1, 0)
+FUSED(flash_bwd_fused_d128, 128, 8, 64, 8, 1, 0)
+// Timing experiments (scripts/flash_check.py FUSED_TIMING; wrong results): without the
+// counters, and without dQ memory traffic.
 FUSED(flash_bwd_fused_d64_nosem, 64, 4, 64, 8, 3, 1)
 FUSED(flash_bwd_fused_d64_nodq, 64, 4, 64, 8, 3, 2)
-FUSED(flash_bwd_fused_d128_nosem, 128, 4, 64, 16, 1, 1)
-FUSED(flash_bwd_fused_d128_nodq, 128, 4, 64, 16, 1, 2)
-FUSED(flash_bwd_fused_d128_k128_nosem, 128, 8, 64, 8, 1, 1)
-FUSED(flash_bwd_fused_d128_k128_nodq, 128, 8, 64, 8, 1, 2)
+FUSED(flash_bwd_fused_d128_nosem, 128, 8, 64, 8, 1, 1)
+FUSED(flash_bwd_fused_d128_nodq, 128, 8, 64, 8, 1, 2)
