@@ -50,14 +50,14 @@ DQ_ROWS = {32: 1, 64: 1, 128: 1}
 FWD_VARIANTS = {32: [], 64: [], 128: []}
 DQ_VARIANTS = {32: [], 64: [], 128: []}
 DKDV_VARIANTS = {32: [], 64: [], 128: []}
-# One-pass backward: (entry, warps = keys per CTA / 16, query tile). FUSED_TIMING: timing
-# experiments that compute wrong results (no counters; no dQ memory traffic), timed only.
+# One-pass backward: (entry, warps = keys per CTA / 16, query tile). FUSED_TIMING: entries timed
+# but not checked (experiments that compute wrong results, e.g. without the counters or
+# without the dQ additions; notes/CUDA.md has the numbers of 2026-12-01).
 # Warps (16 keys each) per CTA of the defaults, as flash.rs `Tiles::fused_warps`; query tile 64.
 FUSED_BQ = 64
 FUSED_WARPS = {32: 4, 64: 4, 128: 8}
 FUSED_VARIANTS = {32: [], 64: [], 128: []}
-FUSED_TIMING = {32: [], 64: [("flash_bwd_fused_d64_nosem", 4, 64), ("flash_bwd_fused_d64_nodq", 4, 64)],
-                128: [("flash_bwd_fused_d128_nosem", 8, 64), ("flash_bwd_fused_d128_nodq", 8, 64)]}
+FUSED_TIMING = {32: [], 64: [], 128: []}
 
 
 def fwd_default(d):

@@ -9,10 +9,12 @@
 // Backward output dqkv [T, nh + 2*nkv, d]. Per-row statistics (lse, delta) are f32 [nh, T];
 // lse is kept in log2 units (scores are multiplied by log2(e) once, then exp2 everywhere).
 //
-// Backward without atomics, deterministic: one kernel owns dK/dV of a key block (looping over
-// every query head of its KV group), another owns dQ of a query block; both recompute P from
-// the lse the forward kernel wrote. Costs two extra tile products over the atomic-dq scheme
-// but every gradient is written once, in a fixed summation order.
+// Backward, deterministic: one kernel owns dK/dV of a key block (looping over every query head
+// of its KV group), another owns dQ of a query block; both recompute P from the lse the forward
+// kernel wrote. Costs two extra tile products over the atomic-dq scheme but every gradient is
+// written once, in a fixed summation order. flash_bwd_fused is that atomic-dq scheme made
+// deterministic (dQ added in key-block order behind counters); on an H200 it ties with the
+// two kernels (notes/CUDA.md), so flash.rs keeps the two by default.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): with g = lane/4, t = lane%4, an f32
 // accumulator tile 16x8 holds (row g, cols 2t,2t+1) in c0,c1 and (row g+8, same cols) in c2,c3.
@@ -774,8 +776,7 @@ __device__ __forceinline__ void red_add4(float* p, float a, float b, float c, fl
 // BK = 16·NW keys per CTA, query tiles of BQ rows (BK a multiple of BQ: key block kb's diagonal
 // covers query tiles kb·BK/BQ ..). The dQ step splits the BQ x D tile over the warps: BQ/16 row
 // groups times NW/(BQ/16) column groups, CH accumulator tiles (8 columns each) per product.
-// MODE (timing experiments only, wrong results): 1 skips the counters, 2 the dQ memory traffic.
-template <int D, int NW, int BQ, int CH, int MODE>
+template <int D, int NW, int BQ, int CH>
 __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const u16* __restrict__ k,
                                                 const u16* __restrict__ v, const u16* __restrict__ go,
                                                 const float* __restrict__ lse, const float* __restrict__ delta,
@@ -851,7 +852,7 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
             for (int e = 0; e < 4; ++e)
                 *(u32*)(sS + (warp * 16 + g + 8 * (e & 1)) * LDS + kk * 16 + 8 * (e >> 1) + 2 * t4) = pf[kk][e];
         int* s = sem + (long long)h * nq + qt;
-        if (MODE != 1 && kb > 0 && tid == 0) sem_wait(s, kb);
+        if (kb > 0 && tid == 0) sem_wait(s, kb);
         __syncthreads();
 
         // dQ rows rg·16.. of the tile, columns of group cg: A = dS (ldmatrix.trans of dSᵀ),
@@ -875,11 +876,6 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
                     mma16816(acc[nb], a, b[0], b[1]);
                     mma16816(acc[nb + 1], a, b[2], b[3]);
                 }
-            }
-            if (MODE == 2) {
-                // Keep the products alive without memory traffic.
-                if (acc[0][0] == 12345.0f) dqacc[0] = acc[CH - 1][3];
-                continue;
             }
             if (!first && !last) {
                 // Lanes t, t^1 swap pairs: the even one adds 4 columns of row g, the odd one of
@@ -927,7 +923,7 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
         }
         // Release: every thread's share is issued; the fence orders them before the count.
         __syncthreads();
-        if (MODE != 1 && tid == 0 && !last) {
+        if (tid == 0 && !last) {
             __threadfence();
             atomicAdd(s, 1);
         }
@@ -972,13 +968,13 @@ __device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const
 // 16 rows each (register-bound: dK and dV, or dQ, plus two score tiles); a dK/dV query tile
 // of 32, or 8 warps, lost 8-12 %. __launch_bounds__(.., 3) keeps dK/dV at D = 64 at 168
 // registers (3 CTAs per SM; the split's epilogue had pushed it to 220).
-#define FUSED(name, D, NW, BQ, CH, MINB, MODE)                                                         \
+#define FUSED(name, D, NW, BQ, CH, MINB)                                                               \
     extern "C" __global__ void __launch_bounds__(32 * NW, MINB) name(                                          \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, float* part, float* dqacc, int* sem, int T, int nh, int nkv, int d, float scale,            \
         float cap) {                                                                                           \
-        flash_bwd_fused<D, NW, BQ, CH, MODE>(q, k, v, go, lse, delta, dqkv, part, dqacc, sem, T, nh, nkv, d,   \
-                                             scale, cap);                                                      \
+        flash_bwd_fused<D, NW, BQ, CH>(q, k, v, go, lse, delta, dqkv, part, dqacc, sem, T, nh, nkv, d, scale,  \
+                                       cap);                                                                   \
     }
 
 FWD(flash_fwd_d32, 32, 4, 64, 1)
@@ -992,12 +988,6 @@ DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
 // One-pass backward: 128 keys per CTA (8 warps) at D = 128 halve the dQ additions against 64
 // (2.40 against 2.60 ms at T = 4096); at D = 64, 4 warps keep 3 CTAs per SM (1.42 against 1.70).
-FUSED(flash_bwd_fused_d32, 32, 4, 64, 4, 1, 0)
-FUSED(flash_bwd_fused_d64, 64, 4, 64, 8, 3, 0)
-FUSED(flash_bwd_fused_d128, 128, 8, 64, 8, 1, 0)
-// Timing experiments (scripts/flash_check.py FUSED_TIMING; wrong results): without the
-// counters, and without dQ memory traffic.
-FUSED(flash_bwd_fused_d64_nosem, 64, 4, 64, 8, 3, 1)
-FUSED(flash_bwd_fused_d64_nodq, 64, 4, 64, 8, 3, 2)
-FUSED(flash_bwd_fused_d128_nosem, 128, 8, 64, 8, 1, 1)
-FUSED(flash_bwd_fused_d128_nodq, 128, 8, 64, 8, 1, 2)
+FUSED(flash_bwd_fused_d32, 32, 4, 64, 4, 1)
+FUSED(flash_bwd_fused_d64, 64, 4, 64, 8, 3)
+FUSED(flash_bwd_fused_d128, 128, 8, 64, 8, 1)
