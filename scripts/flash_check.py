@@ -50,6 +50,14 @@ DQ_ROWS = {32: 1, 64: 1, 128: 1}
 FWD_VARIANTS = {32: [], 64: [], 128: []}
 DQ_VARIANTS = {32: [], 64: [], 128: []}
 DKDV_VARIANTS = {32: [], 64: [], 128: []}
+# One-pass backward: (entry, warps = keys per CTA / 16, query tile). FUSED_TIMING: entries timed
+# but not checked (experiments that compute wrong results, e.g. without the counters or
+# without the dQ additions; notes/CUDA.md has the numbers of 2026-12-01).
+# Warps (16 keys each) per CTA of the defaults, as flash.rs `Tiles::fused_warps`; query tile 64.
+FUSED_BQ = 64
+FUSED_WARPS = {32: 4, 64: 4, 128: 8}
+FUSED_VARIANTS = {32: [], 64: [], 128: []}
+FUSED_TIMING = {32: [], 64: [], 128: []}
 
 
 def fwd_default(d):
@@ -116,10 +124,33 @@ def dkdv_splits(T, nh, nkv, d):
 
 
 def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None, part=None,
-               kv=None, qv=None):
+               kv=None, qv=None, scratch=None, uv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     D = tiles(d)[0]
+    if which == "fused":
+        # One pass for dQ, dK, dV (causal, no window), as flash.rs: dQ through the f32 scratch
+        # and per-(head, query tile) counters (zeroed every call), dK/dV partials per query
+        # head of the group (reduced where the group has more than one head).
+        assert not window
+        name, NW, bq = uv or (f"flash_bwd_fused_d{D}", FUSED_WARPS[D], FUSED_BQ)
+        b = 16 * NW
+        nblk = math.ceil(T / b)
+        group = nh // nkv
+        dqacc, sem, part = scratch or fused_scratch(T, nh, nkv, d)
+        sem.zero_()
+        args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
+                ptr(dqacc), ptr(sem), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
+                np.float32(scale), np.float32(cap or 0.0))
+        # dSᵀ [b keys][bq queries] has its own region where the dO tile cannot hold it.
+        own = D < bq or b > bq
+        smem = (2 * b + 4 * bq) * (D + 8) * 2 + 16 * bq + (b * (bq + 8) * 2 if own else 0)
+        launch(name, (nblk * nh,), 32 * NW, smem, args)
+        if group > 1:
+            launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
+                   (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
+                    np.int32(group), np.float32(scale)))
+        return
     if which == "dq":
         name, NW, BC, RW = qv or dq_default(d)
         b = 16 * NW * RW
@@ -142,11 +173,25 @@ def bwd_kernel(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=N
                 np.int32(nsplit), np.float32(scale)))
 
 
-def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None, qv=None):
+def fused_scratch(T, nh, nkv, d):
+    """dQ f32 accumulator [nh, T, d], counters [nh, T/64], dK/dV partials (or None)."""
+    dev = "cuda"
+    nblk = math.ceil(T / FUSED_BQ)
+    part = (torch.empty(nh // nkv, T, 2 * nkv * d, dtype=torch.float32, device=dev)
+            if nh > nkv else None)
+    return (torch.empty(nh, T, d, dtype=torch.float32, device=dev),
+            torch.zeros(nh * nblk, dtype=torch.int32, device=dev), part)
+
+
+def flash_bwd(q, k, v, g, scale, window, cap, nsplit=None, fv=None, kv=None, qv=None, fused=False,
+              uv=None):
     T, nh, d = q.shape
     nkv = k.shape[1]
     lse, delta = bwd_prep(q, k, v, g, scale, window, cap, fv=fv)
     dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
+    if fused:
+        bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, window, cap, uv=uv)
+        return dqkv
     bwd_kernel("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap, qv=qv)
     bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=nsplit, kv=kv)
     return dqkv
@@ -195,19 +240,27 @@ def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0, variants=False)
     # reduce kernel), each run twice: bitwise equal runs.
     group = nh // nkv
     runs = [(f"nsplit={s}", o, dict(nsplit=s)) for s in range(1, group + 1) if group % s == 0]
+    if not window:
+        runs = [("fused", o, dict(fused=True))] + runs
     if variants:
         D = tiles(d)[0]
         runs += [(fv[0], flash_fwd(q, k, v, scale, window, cap, fv=fv), dict(fv=fv))
                  for fv in FWD_VARIANTS[D]]
         runs += [(qv[0], o, dict(qv=qv)) for qv in DQ_VARIANTS[D]]
         runs += [(kv[0], o, dict(kv=kv)) for kv in DKDV_VARIANTS[D]]
+        if not window:
+            runs += [(uv[0], o, dict(fused=True, uv=uv)) for uv in FUSED_VARIANTS[D]]
     for what, out, kw in runs:
         dqkv = flash_bwd(q, k, v, g, scale, window, cap, **kw)
-        again = flash_bwd(q, k, v, g, scale, window, cap, **kw)
-        torch.cuda.synchronize()
+        # The fused kernel's dQ order rests on counters between CTAs: more runs, more chances
+        # to catch a race.
+        det = True
+        for _ in range(5 if kw.get("fused") and T >= 4096 else 2 if kw.get("fused") else 1):
+            again = flash_bwd(q, k, v, g, scale, window, cap, **kw)
+            torch.cuda.synchronize()
+            det &= torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
         errs = [rel(out, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
                 rel(dqkv[:, nh + nkv:], rv)]
-        det = torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
         good = max(errs) <= TOL and det
         ok &= good
         print(f"{'ok  ' if good else 'FAIL'} T={T:5d} nh={nh:2d} nkv={nkv} d={d:3d} window={window} "
@@ -251,7 +304,18 @@ def bench(T, nh, nkv, d, window=None, variants=False):
         mark = "*" if nsplit == dkdv_splits(T, nh, nkv, d) else ""
         kv.append(f"{mark}{nsplit}: {t*1e3:.3f}")
     # flash_bwd includes its forward recomputation (lse), as the op must: report both.
+    t_delta = timed(lambda: launch("flash_bwd_delta", (math.ceil(T * nh / 8),), 256, 0,
+                                   (ptr(g), ptr(g), ptr(delta), np.int32(T), np.int32(nh),
+                                    np.int32(d))))
+    t_split = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None))
+    saved = f"two-kernel {(t_delta + t_dq + t_split)*1e3:.3f}"
+    if not window:
+        scr = fused_scratch(T, nh, nkv, d)
+        t_fused = timed(lambda: bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, None, None,
+                                           scratch=scr))
+        saved += f", fused {(t_delta + t_fused)*1e3:.3f} (fused+reduce {t_fused*1e3:.3f})"
     line = (f"T={T} nh={nh} nkv={nkv} d={d} window={window}: "
+            f"bwd with saved O/lse (delta {t_delta*1e3:.3f} + kernels): {saved} ms | "
             f"fwd {tf*1e3:.3f} ms {flops/tf/1e12:.0f} TFLOP/s | bwd (incl. fwd recompute) "
             f"{tb*1e3:.3f} ms {2.5*flops/tb/1e12:.0f} TFLOP/s (bwd only {2.5*flops/(tb-tf)/1e12:.0f}; "
             f"dq {t_dq*1e3:.3f} ms, dkdv+reduce by nsplit ({', '.join(kv)}) ms; * = default)")
@@ -283,6 +347,10 @@ def bench(T, nh, nkv, d, window=None, variants=False):
             t = timed(lambda: bwd_kernel("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, None,
                                          kv=kv))
             print(f"  variant {kv[0]}: dkdv+reduce {t*1e3:.3f} ms", flush=True)
+        for uv in FUSED_VARIANTS[D] + FUSED_TIMING[D] if not window else []:
+            t = timed(lambda: bwd_kernel("fused", q, k, v, g, lse, delta, dqkv, scale, None, None,
+                                         scratch=scr, uv=uv))
+            print(f"  variant {uv[0]}: fused+reduce {t*1e3:.3f} ms", flush=True)
 
 
 def main():

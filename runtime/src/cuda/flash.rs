@@ -3,16 +3,22 @@
 //!
 //! Operands are bf16 bits (`u16`), row-major: `q [T, nh, d]`, `k`/`v [T, nkv, d]`, output
 //! `[T, nh, d]`; the backward writes `dqkv [T, nh + 2·nkv, d]` (dq, dk, dv heads, as the op
-//! packs them). The op hands the backward neither O nor the log-sum-exp, so `backward`
-//! recomputes them: forward kernel (O and lse into scratch), `delta = rowsum(dO∘O)`, then one
-//! kernel for dQ per query block and one for dK/dV per (key block, query head of the GQA
-//! group), whose f32 partials a small kernel sums over the group in a fixed order. No atomics:
-//! the result is bitwise reproducible run to run.
+//! packs them). `backward` takes the forward's O and log-sum-exp where the caller kept them,
+//! else recomputes them (forward kernel into scratch); then `delta = rowsum(dO∘O)` and
+//! * by default: one kernel for dQ per query block and one for dK/dV per (key block, query
+//!   head of the GQA group);
+//! * where `Tiles::one_pass` says so and there is no window: one pass (`flash_bwd_fused`),
+//!   one CTA per (key block, query head) producing dK, dV and dQ; dQ is summed over key blocks
+//!   in f32 scratch in key-block order, enforced by a counter per (head, query tile).
 //!
-//! Scratch: `backward` allocates O (bf16, T·nh·d), lse/delta (f32, nh·T each) and, with GQA,
-//! the dK/dV partials (f32, group·T·2·nkv·d = 2·T·nh·d) on the given stream (stream-ordered
-//! allocation where the driver has it) and frees them when it returns; the work stays queued
-//! on the stream, ordered after the kernels that use it.
+//! Either way the dK/dV f32 partials of a GQA group's heads are summed by a small kernel in a
+//! fixed order; no result depends on the order in which CTAs run (bitwise reproducible).
+//!
+//! Scratch: `backward` allocates O (bf16, T·nh·d) and lse (f32, nh·T) when it recomputes them,
+//! delta (f32, nh·T), with GQA the dK/dV partials (f32, group·T·2·nkv·d = 2·T·nh·d), and on the
+//! one-pass path the dQ sums (f32, T·nh·d) and counters (i32, nh·T/64), on the given stream
+//! (stream-ordered allocation where the driver has it) and frees them when it returns; the
+//! work stays queued on the stream, ordered after the kernels that use it.
 use super::cuda_err;
 use crate::backend::KernelError;
 use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
@@ -87,7 +93,22 @@ struct Tiles {
     dq_rows: usize,
     /// Query tile of the dK/dV kernel.
     bq: usize,
+    /// Warps of the one-pass backward, 16 keys each.
+    fused_warps: usize,
+    /// Whether `backward` takes the one-pass kernel where it applies (no window).
+    one_pass: bool,
 }
+
+/// Query tile of the one-pass backward (its dQ counters are per tile of this many rows).
+const FUSED_BQ: usize = 64;
+
+/// Whether the backward without a window takes the one-pass kernel. Measured on an H200
+/// (notes/CUDA.md, T = 4096, 32/8 heads, with saved O/lse; ms of the gradient kernels): d = 64
+/// one pass 1.35 against 1.32, d = 128 2.39 against 2.39, T = 1024 0.213 against 0.186. It
+/// saves two of seven tile products but pays for its ordered dQ additions (0.5 ms at d = 128)
+/// and needs T·nh·d f32 more scratch, so the two kernels stay the default; the GPU test runs
+/// both.
+const ONE_PASS: bool = false;
 
 impl Tiles {
     /// Measured on an H200 (notes/CUDA.md): two row groups per forward warp pay off only at
@@ -101,6 +122,8 @@ impl Tiles {
             bwd_warps: 4,
             dq_rows: 1,
             bq: 64,
+            fused_warps: if width == 128 { 8 } else { 4 },
+            one_pass: ONE_PASS,
         }
     }
 
@@ -136,6 +159,24 @@ impl Tiles {
     fn dkdv_smem(&self) -> usize {
         (32 * self.bwd_warps + 4 * self.bq) * self.row_bytes() + 16 * self.bq
     }
+
+    /// Keys per CTA of the one-pass backward.
+    fn fused_block(&self) -> usize {
+        16 * self.fused_warps
+    }
+
+    /// K, V (one block each), Q and dO (two tiles each), lse and delta (two tiles each), and
+    /// a dSᵀ tile `[keys][FUSED_BQ + 8]` where the dO tile cannot take it (rows too short, or
+    /// more keys than queries).
+    fn fused_smem(&self) -> usize {
+        let bk = self.fused_block();
+        let own_ds = if self.width < FUSED_BQ || bk > FUSED_BQ {
+            bk * (FUSED_BQ + 8) * 2
+        } else {
+            0
+        };
+        (2 * bk + 4 * FUSED_BQ) * self.row_bytes() + 16 * FUSED_BQ + own_ds
+    }
 }
 
 /// CTAs that share one key block of the dK/dV kernel: one per query head of the GQA group.
@@ -153,6 +194,7 @@ struct WidthKernels {
     fwd: CudaFunction,
     dq: CudaFunction,
     dkdv: CudaFunction,
+    fused: CudaFunction,
 }
 
 /// Flash attention kernels, compiled once for one device.
@@ -218,6 +260,7 @@ impl Flash {
                 fwd: load(&format!("flash_fwd_d{w}"), tiles.fwd_smem())?,
                 dq: load(&format!("flash_bwd_dq_d{w}"), tiles.dq_smem())?,
                 dkdv: load(&format!("flash_bwd_dkdv_d{w}"), tiles.dkdv_smem())?,
+                fused: load(&format!("flash_bwd_fused_d{w}"), tiles.fused_smem())?,
             });
         }
         let plain = |name: &str| {
@@ -298,6 +341,24 @@ impl Flash {
         dqkv: &mut CudaSlice<u16>,
         dims: &AttnDims,
     ) -> Result<(), KernelError> {
+        let one_pass = self.kernels(dims.d).tiles.one_pass;
+        self.backward_path(stream, q, k, v, g, saved, dqkv, dims, one_pass)
+    }
+
+    /// `backward` by the one-pass kernel (where there is no window) or by the two kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_path(
+        &self,
+        stream: &Arc<CudaStream>,
+        q: &CudaSlice<u16>,
+        k: &CudaSlice<u16>,
+        v: &CudaSlice<u16>,
+        g: &CudaSlice<u16>,
+        saved: Option<(&CudaSlice<u16>, &CudaSlice<f32>)>,
+        dqkv: &mut CudaSlice<u16>,
+        dims: &AttnDims,
+        one_pass: bool,
+    ) -> Result<(), KernelError> {
         let op = "attention_backward";
         check(
             op,
@@ -356,6 +417,9 @@ impl Flash {
         let kern = self.kernels(dims.d);
         let tl = kern.tiles;
         let a = Args::new(dims);
+        if one_pass && a.window == 0 {
+            return self.launch_fused(op, stream, kern, [q, k, v, g], lse, &delta, dqkv, dims, &a);
+        }
         let mut b = stream.launch_builder(&kern.dq);
         b.arg(q)
             .arg(k)
@@ -406,23 +470,107 @@ impl Flash {
         // in `new`.
         unsafe { b.launch(config(grid, 32 * tl.bwd_warps, tl.dkdv_smem())) }
             .map_err(|e| cuda_err(op, "flash_bwd_dkdv launch", e))?;
-        if let Some(p) = &part {
-            let groups = (t * 2 * dims.nkv * dims.d).div_ceil(4);
-            let mut b = stream.launch_builder(&self.dkdv_reduce);
-            b.arg(p)
-                .arg(&mut *dqkv)
-                .arg(&a.t)
-                .arg(&a.nh)
-                .arg(&a.nkv)
-                .arg(&a.d)
-                .arg(&nsplit_i)
-                .arg(&a.scale);
-            // SAFETY: flash_bwd_dkdv_reduce(const float* part, u16* dqkv, int T, int nh,
-            // int nkv, int d, int nsplit, float scale); one thread per 4 of the T·2·nkv·d
-            // elements (d % 8 == 0, so they never straddle a head row).
-            unsafe { b.launch(config(groups.div_ceil(256), 256, 0)) }
-                .map_err(|e| cuda_err(op, "flash_bwd_dkdv_reduce launch", e))?;
+        match &part {
+            Some(p) => self.launch_reduce(op, stream, p, dqkv, nsplit_i, &a),
+            None => Ok(()),
         }
+    }
+
+    /// The one-pass backward (`flash_bwd_fused_d{D}`, causal without a window) and, with GQA,
+    /// the reduction of its dK/dV partials; `lse` and `delta` are ready on the stream.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_fused(
+        &self,
+        op: &'static str,
+        stream: &Arc<CudaStream>,
+        kern: &WidthKernels,
+        [q, k, v, g]: [&CudaSlice<u16>; 4],
+        lse: &CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        dqkv: &mut CudaSlice<u16>,
+        dims: &AttnDims,
+        a: &Args,
+    ) -> Result<(), KernelError> {
+        let (t, nh, d) = (dims.t, dims.nh, dims.d);
+        let group = nh / dims.nkv;
+        let tl = kern.tiles;
+        let tiles = t.div_ceil(FUSED_BQ);
+        let scratch = |what: &str, e| cuda_err(op, &format!("allocating the {what} scratch"), e);
+        // SAFETY (dqacc): key block 0 stores every (head, row < T, column < d) element of a
+        // query tile before any other key block reads or adds to it (the counters order them).
+        let mut dqacc = unsafe { stream.alloc::<f32>(nh * t * d) }.map_err(|e| scratch("dQ", e))?;
+        // The counters must start at zero: key block kb waits for the count kb.
+        let mut sem = stream
+            .alloc_zeros::<i32>(nh * tiles)
+            .map_err(|e| scratch("dQ counter", e))?;
+        // SAFETY: as in `backward` for nsplit = group.
+        let mut part = match group {
+            1 => None,
+            _ => Some(
+                unsafe { stream.alloc::<f32>(2 * t * nh * d) }
+                    .map_err(|e| scratch("dK/dV partials", e))?,
+            ),
+        };
+        let null: u64 = 0;
+        let mut b = stream.launch_builder(&kern.fused);
+        b.arg(q)
+            .arg(k)
+            .arg(v)
+            .arg(g)
+            .arg(lse)
+            .arg(delta)
+            .arg(&mut *dqkv);
+        match part.as_mut() {
+            Some(p) => b.arg(p),
+            None => b.arg(&null),
+        };
+        b.arg(&mut dqacc)
+            .arg(&mut sem)
+            .arg(&a.t)
+            .arg(&a.nh)
+            .arg(&a.nkv)
+            .arg(&a.d)
+            .arg(&a.scale)
+            .arg(&a.cap);
+        // SAFETY: flash_bwd_fused_d{D}(q, k, v, go, lse, delta, dqkv, part (null when the
+        // group is one head, never read then), dqacc, sem, T, nh, nkv, d, scale, cap) (FUSED in
+        // flash_attn.cu); part holds group·T·2·nkv·d floats, dqacc nh·T·d, sem nh·ceil(T/64)
+        // ints; the shared memory was granted in `new`. The grid is block-major, so a CTA
+        // waits only for CTAs of lower index (started before it): no deadlock.
+        let grid = t.div_ceil(tl.fused_block()) * nh;
+        unsafe { b.launch(config(grid, 32 * tl.fused_warps, tl.fused_smem())) }
+            .map_err(|e| cuda_err(op, "flash_bwd_fused launch", e))?;
+        match &part {
+            Some(p) => self.launch_reduce(op, stream, p, dqkv, group as i32, a),
+            None => Ok(()),
+        }
+    }
+
+    /// dK, dV of the per-query-head partials `part [nsplit, T, 2·nkv·d]`, summed in split order.
+    fn launch_reduce(
+        &self,
+        op: &'static str,
+        stream: &Arc<CudaStream>,
+        part: &CudaSlice<f32>,
+        dqkv: &mut CudaSlice<u16>,
+        nsplit: i32,
+        a: &Args,
+    ) -> Result<(), KernelError> {
+        let groups = (a.t as usize * 2 * a.nkv as usize * a.d as usize).div_ceil(4);
+        let mut b = stream.launch_builder(&self.dkdv_reduce);
+        b.arg(part)
+            .arg(dqkv)
+            .arg(&a.t)
+            .arg(&a.nh)
+            .arg(&a.nkv)
+            .arg(&a.d)
+            .arg(&nsplit)
+            .arg(&a.scale);
+        // SAFETY: flash_bwd_dkdv_reduce(const float* part, u16* dqkv, int T, int nh,
+        // int nkv, int d, int nsplit, float scale); one thread per 4 of the T·2·nkv·d
+        // elements (d % 8 == 0, so they never straddle a head row).
+        unsafe { b.launch(config(groups.div_ceil(256), 256, 0)) }
+            .map_err(|e| cuda_err(op, "flash_bwd_dkdv_reduce launch", e))?;
         Ok(())
     }
 
@@ -561,7 +709,12 @@ mod tests {
             Ok(ptx) => {
                 let src = ptx.to_src();
                 for w in WIDTHS {
-                    for k in ["flash_fwd", "flash_bwd_dq", "flash_bwd_dkdv"] {
+                    for k in [
+                        "flash_fwd",
+                        "flash_bwd_dq",
+                        "flash_bwd_dkdv",
+                        "flash_bwd_fused",
+                    ] {
                         let entry = format!(".entry {k}_d{w}(");
                         assert!(src.contains(&entry), "missing {entry}");
                     }
@@ -647,7 +800,7 @@ mod tests {
         // (H100/H200: 227 KiB).
         for w in WIDTHS {
             let t = Tiles::for_width(w);
-            for smem in [t.fwd_smem(), t.dq_smem(), t.dkdv_smem()] {
+            for smem in [t.fwd_smem(), t.dq_smem(), t.dkdv_smem(), t.fused_smem()] {
                 assert!(smem <= 163 * 1024, "D = {w}: {smem} bytes");
             }
         }
@@ -751,10 +904,13 @@ mod tests {
         };
         let cases = [
             (1, 2, 1, 64, None, None),
+            (100, 4, 1, 16, None, None),
             (77, 4, 2, 32, Some(20), None),
             (130, 4, 2, 128, None, Some(30.0)),
             (200, 8, 2, 64, Some(50), Some(20.0)),
             (300, 4, 4, 96, None, None),
+            // Nine key blocks of 64: the one-pass dQ sums through every counter value.
+            (520, 8, 2, 128, None, None),
         ];
         for (seed, (t, nh, nkv, d, window, softcap)) in cases.into_iter().enumerate() {
             let dims = AttnDims {
@@ -777,6 +933,7 @@ mod tests {
             let mut dqkv = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
             let mut lse = stream.alloc_zeros::<f32>(nh * t).unwrap();
             let mut dqkv_saved = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
+            let mut dqkv_other = stream.alloc_zeros::<u16>(t * (nh + 2 * nkv) * d).unwrap();
             flash
                 .forward(
                     &stream,
@@ -806,6 +963,21 @@ mod tests {
                     &dims,
                 )
                 .unwrap();
+            // The path `backward` does not take (one pass or two kernels), checked as well.
+            let other = !flash.kernels(d).tiles.one_pass;
+            flash
+                .backward_path(
+                    &stream,
+                    &q_dev,
+                    &k_dev,
+                    &v_dev,
+                    &g_dev,
+                    saved,
+                    &mut dqkv_other,
+                    &dims,
+                    other,
+                )
+                .unwrap();
             let down = |s: &CudaSlice<u16>| -> Vec<f32> {
                 let h = stream.clone_dtoh(s).unwrap();
                 h.iter()
@@ -813,6 +985,7 @@ mod tests {
                     .collect()
             };
             let (out, dqkv, dqkv_saved) = (down(&out), down(&dqkv), down(&dqkv_saved));
+            let dqkv_other = down(&dqkv_other);
             // The forward is deterministic, so its saved statistics are the recomputed ones.
             assert!(
                 dqkv.iter()
@@ -837,24 +1010,16 @@ mod tests {
             let want_out = f32s(cpu.eval(&fwd, &[&hq, &hk, &hv]).unwrap());
             let want = f32s(cpu.eval(&bwd, &[&hq, &hk, &hv, &hg]).unwrap());
             let all = nh + 2 * nkv;
-            let parts = [
-                ("out", out.clone(), want_out),
-                (
-                    "dq",
-                    heads(&dqkv, t, all, d, 0, nh),
-                    heads(&want, t, all, d, 0, nh),
-                ),
-                (
-                    "dk",
-                    heads(&dqkv, t, all, d, nh, nh + nkv),
-                    heads(&want, t, all, d, nh, nh + nkv),
-                ),
-                (
-                    "dv",
-                    heads(&dqkv, t, all, d, nh + nkv, all),
-                    heads(&want, t, all, d, nh + nkv, all),
-                ),
-            ];
+            let mut parts = vec![("out".to_string(), out.clone(), want_out)];
+            for (path, res) in [("", &dqkv), ("other path: ", &dqkv_other)] {
+                for (name, lo, hi) in [("dq", 0, nh), ("dk", nh, nh + nkv), ("dv", nh + nkv, all)] {
+                    parts.push((
+                        format!("{path}{name}"),
+                        heads(res, t, all, d, lo, hi),
+                        heads(&want, t, all, d, lo, hi),
+                    ));
+                }
+            }
             for (name, got, want) in parts {
                 let e = rel_err(&got, &want);
                 assert!(e <= 1e-2, "{dims:?}: {name} relative error {e:.2e}");

@@ -9,10 +9,12 @@
 // Backward output dqkv [T, nh + 2*nkv, d]. Per-row statistics (lse, delta) are f32 [nh, T];
 // lse is kept in log2 units (scores are multiplied by log2(e) once, then exp2 everywhere).
 //
-// Backward without atomics, deterministic: one kernel owns dK/dV of a key block (looping over
-// every query head of its KV group), another owns dQ of a query block; both recompute P from
-// the lse the forward kernel wrote. Costs two extra tile products over the atomic-dq scheme
-// but every gradient is written once, in a fixed summation order.
+// Backward, deterministic: one kernel owns dK/dV of a key block (looping over every query head
+// of its KV group), another owns dQ of a query block; both recompute P from the lse the forward
+// kernel wrote. Costs two extra tile products over the atomic-dq scheme but every gradient is
+// written once, in a fixed summation order. flash_bwd_fused is that atomic-dq scheme made
+// deterministic (dQ added in key-block order behind counters); on an H200 it ties with the
+// two kernels (notes/CUDA.md), so flash.rs keeps the two by default.
 //
 // Fragment layouts (PTX ISA, mma.m16n8k16 .bf16): with g = lane/4, t = lane%4, an f32
 // accumulator tile 16x8 holds (row g, cols 2t,2t+1) in c0,c1 and (row g+8, same cols) in c2,c3.
@@ -518,6 +520,107 @@ __device__ __forceinline__ void flash_bwd_dq(const u16* __restrict__ q, const u1
         }
 }
 
+// One query tile's share of dK and dV for a warp's 16 keys (K rows at sKw, V rows at sVw; Q, dO
+// of the tile at q_t, g_t; lse, delta at L, Dl), leaving dSᵀ (bf16, keys x queries) in pf as A
+// fragments. Sᵀ = K·Qᵀ, Pᵀ = exp2(Sᵀ₂ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)∘cap',
+// dK += dSᵀ·Q. Staged to bound registers (dK and dV already hold 2·D/8·4 floats): Pᵀ and the
+// soft-cap derivative are kept as bf16 fragments only, so the Sᵀ tile is dead before the dPᵀ tile
+// is live. dS then uses P rounded to bf16, as the dV product does.
+template <int D, int BQ>
+__device__ __forceinline__ void dkdv_tile(float (*dk)[4], float (*dv)[4], u32 (*pf)[4], const u16* sKw,
+                                          const u16* sVw, const u16* q_t, const u16* g_t, const float* L,
+                                          const float* Dl, int i0, const int* keys, bool mask, int T, int window,
+                                          float sl2, float sc, float cl2, int lane) {
+    constexpr int LD = D + 8, KS = D / 16, NB = BQ / 8, NO = D / 8;
+    const int t4 = lane & 3;
+    u32 cf[BQ / 16][4];
+    {
+        float st[NB][4];
+#pragma unroll
+        for (int i = 0; i < NB; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+        mma_nt<KS, NB, LD>(st, sKw, q_t, lane);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float p[2], dc[2];
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int c = nb * 8 + 2 * t4 + e, i = i0 + c;
+                    const float x = score2(st[nb][2 * half + e], sl2, sc, cl2, &dc[e]);
+                    const bool hid = mask && (i >= T || hidden(i, keys[half], window));
+                    p[e] = hid ? 0.0f : ex2(x - L[c]);
+                }
+                // Fragment slot of accumulator tile nb, row half `half` (see to_frags).
+                pf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(p[0], p[1]);
+                cf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(dc[0], dc[1]);
+            }
+        }
+    }
+    mma_rn<BQ / 16, NO, LD>(dv, pf, g_t, lane);
+    {
+        float dpt[NB][4];
+#pragma unroll
+        for (int i = 0; i < NB; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
+        mma_nt<KS, NB, LD>(dpt, sVw, g_t, lane);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                u32& slot = pf[nb >> 1][(nb & 1) * 2 + half];
+                const u32 c2 = cf[nb >> 1][(nb & 1) * 2 + half];
+                const int c = nb * 8 + 2 * t4;
+                const float ds0 = bf16_lo(slot) * (dpt[nb][2 * half] - Dl[c]) * bf16_lo(c2);
+                const float ds1 = bf16_hi(slot) * (dpt[nb][2 * half + 1] - Dl[c + 1]) * bf16_hi(c2);
+                slot = pack_bf16(ds0, ds1);
+            }
+        }
+    }
+    mma_rn<BQ / 16, NO, LD>(dk, pf, q_t, lane);
+}
+
+// A warp's dK and dV (rows keys[0], keys[1] of each thread): bf16 into dqkv (dK scaled) where
+// one CTA owns the whole GQA group (nsplit == 1), else unscaled f32 partials
+// part[split][key][2·nkv·d] (dK heads, then dV heads) for flash_bwd_dkdv_reduce.
+template <int D>
+__device__ __forceinline__ void dkdv_store(const float (*dk)[4], const float (*dv)[4], const int* keys,
+                                           float* __restrict__ part, int nsplit, int split, u16* __restrict__ dqkv,
+                                           int T, int nh, int nkv, int kh, int d, float scale, int t4) {
+    constexpr int NO = D / 8;
+    if (nsplit > 1) {
+        const long long ps = 2LL * nkv * d;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            if (keys[i] >= T) continue;
+            float* prow = part + ((long long)split * T + keys[i]) * ps + (long long)kh * d;
+#pragma unroll
+            for (int no = 0; no < NO; ++no) {
+                const int col = no * 8 + 2 * t4;
+                if (col < d) {
+                    *(float2*)(prow + col) = make_float2(dk[no][2 * i], dk[no][2 * i + 1]);
+                    *(float2*)(prow + (long long)nkv * d + col) = make_float2(dv[no][2 * i], dv[no][2 * i + 1]);
+                }
+            }
+        }
+        return;
+    }
+    const long long os = (long long)(nh + 2 * nkv) * d;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        if (keys[i] >= T) continue;
+        u16* krow = dqkv + (long long)keys[i] * os + (long long)(nh + kh) * d;
+        u16* vrow = dqkv + (long long)keys[i] * os + (long long)(nh + nkv + kh) * d;
+#pragma unroll
+        for (int no = 0; no < NO; ++no) {
+            const int col = no * 8 + 2 * t4;
+            if (col < d) {
+                *(u32*)(krow + col) = pack_bf16(dk[no][2 * i] * scale, dk[no][2 * i + 1] * scale);
+                *(u32*)(vrow + col) = pack_bf16(dv[no][2 * i], dv[no][2 * i + 1]);
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // dK, dV: one CTA per (key block of 16·NW keys, KV head, split of the GQA group); each warp owns
 // 16 keys and keeps their dK and dV (16 x D each, f32) in registers over the split's query heads
@@ -536,7 +639,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
                                                u16* __restrict__ dqkv, float* __restrict__ part, int nsplit,
                                                int T, int nh, int nkv, int d, float scale, int window,
                                                float cap) {
-    constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, KS = D / 16, NB = BQ / 8, NO = D / 8;
+    constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, NO = D / 8;
     extern __shared__ __align__(16) u16 smem[];
     u16* sK = smem;
     u16* sV = sK + BK * LD;
@@ -544,7 +647,7 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
     u16* sG = sQ + 2 * BQ * LD;
     float* sL = (float*)(sG + 2 * BQ * LD);
     float* sD = sL + 2 * BQ;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
     // Key block 0 sees the most queries: block-major order starts every head's first block first.
     const int per_block = nkv * nsplit, split = blockIdx.x % nsplit;
@@ -593,94 +696,17 @@ __device__ __forceinline__ void flash_bwd_dkdv(const u16* __restrict__ q, const 
         // Every query of the tile before this warp's keys, or all of them past the window.
         const bool skip = i0 + BQ - 1 < w0 || (window > 0 && i0 - (w0 + 15) >= window);
         if (!skip) {
-            // Staged to bound registers (dK and dV already hold 2·D/8·4 floats): Pᵀ and the
-            // soft-cap derivative are kept as bf16 fragments only, so the Sᵀ tile is dead before
-            // the dPᵀ tile is live. dS then uses P rounded to bf16, as the dV product does.
             const u16* q_t = sQ + buf * BQ * LD;
             const u16* g_t = sG + buf * BQ * LD;
             const bool mask = i0 + BQ > T || w0 + 15 > i0 || (window > 0 && i0 + BQ - 1 - w0 >= window);
-            const float* L = sL + buf * BQ;
-            const float* Dl = sD + buf * BQ;
-            u32 pf[BQ / 16][4], cf[BQ / 16][4];
-            {
-                float st[NB][4];
-#pragma unroll
-                for (int i = 0; i < NB; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
-                mma_nt<KS, NB, LD>(st, sK + warp * 16 * LD, q_t, lane);
-#pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        float p[2], dc[2];
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int c = nb * 8 + 2 * t4 + e, i = i0 + c;
-                            const float x = score2(st[nb][2 * half + e], sl2, sc, cl2, &dc[e]);
-                            const bool hid = mask && (i >= T || hidden(i, keys[half], window));
-                            p[e] = hid ? 0.0f : ex2(x - L[c]);
-                        }
-                        // Fragment slot of accumulator tile nb, row half `half` (see to_frags).
-                        pf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(p[0], p[1]);
-                        cf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(dc[0], dc[1]);
-                    }
-                }
-            }
-            mma_rn<BQ / 16, NO, LD>(dv, pf, g_t, lane);
-            {
-                float dpt[NB][4];
-#pragma unroll
-                for (int i = 0; i < NB; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
-                mma_nt<KS, NB, LD>(dpt, sV + warp * 16 * LD, g_t, lane);
-#pragma unroll
-                for (int nb = 0; nb < NB; ++nb) {
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        u32& slot = pf[nb >> 1][(nb & 1) * 2 + half];
-                        const u32 c2 = cf[nb >> 1][(nb & 1) * 2 + half];
-                        const int c = nb * 8 + 2 * t4;
-                        const float ds0 = bf16_lo(slot) * (dpt[nb][2 * half] - Dl[c]) * bf16_lo(c2);
-                        const float ds1 = bf16_hi(slot) * (dpt[nb][2 * half + 1] - Dl[c + 1]) * bf16_hi(c2);
-                        slot = pack_bf16(ds0, ds1);
-                    }
-                }
-            }
-            mma_rn<BQ / 16, NO, LD>(dk, pf, q_t, lane);
+            u32 pf[BQ / 16][4];
+            dkdv_tile<D, BQ>(dk, dv, pf, sK + warp * 16 * LD, sV + warp * 16 * LD, q_t, g_t, sL + buf * BQ,
+                             sD + buf * BQ, i0, keys, mask, T, window, sl2, sc, cl2, lane);
         }
         __syncthreads();
     }
 
-    if (nsplit > 1) {
-        const long long ps = 2LL * nkv * d;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            if (keys[i] >= T) continue;
-            float* prow = part + ((long long)split * T + keys[i]) * ps + (long long)kh * d;
-#pragma unroll
-            for (int no = 0; no < NO; ++no) {
-                const int col = no * 8 + 2 * t4;
-                if (col < d) {
-                    *(float2*)(prow + col) = make_float2(dk[no][2 * i], dk[no][2 * i + 1]);
-                    *(float2*)(prow + (long long)nkv * d + col) = make_float2(dv[no][2 * i], dv[no][2 * i + 1]);
-                }
-            }
-        }
-        return;
-    }
-    const long long os = (long long)(nh + 2 * nkv) * d;
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-        if (keys[i] >= T) continue;
-        u16* krow = dqkv + (long long)keys[i] * os + (long long)(nh + kh) * d;
-        u16* vrow = dqkv + (long long)keys[i] * os + (long long)(nh + nkv + kh) * d;
-#pragma unroll
-        for (int no = 0; no < NO; ++no) {
-            const int col = no * 8 + 2 * t4;
-            if (col < d) {
-                *(u32*)(krow + col) = pack_bf16(dk[no][2 * i] * scale, dk[no][2 * i + 1] * scale);
-                *(u32*)(vrow + col) = pack_bf16(dv[no][2 * i], dv[no][2 * i + 1]);
-            }
-        }
-    }
+    dkdv_store<D>(dk, dv, keys, part, nsplit, split, dqkv, T, nh, nkv, kh, d, scale, lane & 3);
 }
 
 // dK, dV of flash_bwd_dkdv's partials: 4 elements per thread of [T, 2·nkv·d], the splits summed in
@@ -706,11 +732,214 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
 }
 
 // ---------------------------------------------------------------------------------------------
+// The whole backward in one pass (FlashAttention-2's loop), causal without a window: one CTA per
+// (key block of BK = 16·NW keys, query head); each warp keeps its 16 keys' dK and dV in registers
+// (dkdv_tile) while the query tiles i = last .. kb stream through, and the CTA also produces the
+// tile's dQ share dS·K (5 tile products per tile instead of the two-kernel path's 7).
+// dSᵀ goes through shared memory (the tile's dO buffer, free once every warp has its dPᵀ) so
+// that each warp multiplies 16 query rows by all BK keys.
+//
+// dQ is summed over key blocks in a fixed order, so it is bitwise deterministic: per (head, query
+// tile) a counter sem says how many key blocks have added their share to the f32 scratch dqacc
+// [nh, T, d]; key block kb waits for sem == kb. Key block 0 stores (no zeroing pass), the middle
+// ones add, and the last one (kb == i, the diagonal) reads the sum, adds its own share and writes
+// dQ·scale as bf16 into dqkv. No deadlock: a CTA waits only for a lower key block of its head,
+// which has a lower blockIdx (block-major grid), so it was started before it; the chain ends at
+// key block 0, which never waits. Query tiles are visited last to first so that neighbouring key
+// blocks, started about together, reach tile i at the same step: the wait is about one tile's
+// dQ add, not a step per key block (ascending order makes block kb trail block kb−1 by a step).
+// dSᵀ needs rows of BQ + 8: below D = 64 the dO buffer's rows are too short, and dSᵀ gets its
+// own region after the statistics.
+// dK, dV as flash_bwd_dkdv with nsplit = the GQA group (dkdv_store, then flash_bwd_dkdv_reduce).
+__device__ __forceinline__ void sem_wait(const int* s, int want) {
+    int v;
+    do {
+        asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(s) : "memory");
+    } while (v != want);
+}
+
+// Four f32 added to global memory (16-byte aligned), no return value: one vector reduction on
+// sm_90 (the dQ additions are the one-pass kernel's largest cost; fewer, wider ones halve the
+// operations the L2 must do), scalar atomics before.
+__device__ __forceinline__ void red_add4(float* p, float a, float b, float c, float e) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(a), "f"(b), "f"(c), "f"(e)
+                 : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+    atomicAdd(p + 2, c);
+    atomicAdd(p + 3, e);
+#endif
+}
+
+// BK = 16·NW keys per CTA, query tiles of BQ rows (BK a multiple of BQ: key block kb's diagonal
+// covers query tiles kb·BK/BQ ..). The dQ step splits the BQ x D tile over the warps: BQ/16 row
+// groups times NW/(BQ/16) column groups, CH accumulator tiles (8 columns each) per product.
+template <int D, int NW, int BQ, int CH>
+__device__ __forceinline__ void flash_bwd_fused(const u16* __restrict__ q, const u16* __restrict__ k,
+                                                const u16* __restrict__ v, const u16* __restrict__ go,
+                                                const float* __restrict__ lse, const float* __restrict__ delta,
+                                                u16* __restrict__ dqkv, float* __restrict__ part,
+                                                float* __restrict__ dqacc, int* __restrict__ sem, int T, int nh,
+                                                int nkv, int d, float scale, float cap) {
+    constexpr int BK = 16 * NW, LD = D + 8, NT = 32 * NW, NO = D / 8, R = BK / BQ;
+    constexpr int RG = BQ / 16, CG = NW / RG, NOW = NO / CG;
+    static_assert(BK % BQ == 0 && NW % RG == 0 && NO % CG == 0 && NOW % CH == 0, "fused tiling");
+    // dSᵀ [key][query] takes the dO tile's place where that has BK rows of at least BQ + 8.
+    constexpr bool OWN_S = LD < BQ + 8 || BK > BQ;
+    constexpr int LDS = OWN_S ? BQ + 8 : LD;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sK = smem;
+    u16* sV = sK + BK * LD;
+    u16* sQ = sV + BK * LD;
+    u16* sG = sQ + 2 * BQ * LD;
+    float* sL = (float*)(sG + 2 * BQ * LD);
+    float* sD = sL + 2 * BQ;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
+    const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
+    const int nq = (T + BQ - 1) / BQ, kb = blockIdx.x / nh, h = blockIdx.x % nh;
+    const int group = nh / nkv, kh = h / group, split = h % group, k0 = kb * BK, total = nq - kb * R;
+    const long long qs = (long long)nh * d, ks = (long long)nkv * d;
+
+    load_tile<BK, D, LD, NT>(sK, k + (long long)kh * d, k0, T, ks, d, tid);
+    load_tile<BK, D, LD, NT>(sV, v + (long long)kh * d, k0, T, ks, d, tid);
+    auto load_q = [&](int it, int b) {
+        const int i0 = (nq - 1 - it) * BQ;
+        load_tile<BQ, D, LD, NT>(sQ + b * BQ * LD, q + (long long)h * d, i0, T, qs, d, tid);
+        load_tile<BQ, D, LD, NT>(sG + b * BQ * LD, go + (long long)h * d, i0, T, qs, d, tid);
+        for (int r = tid; r < BQ; r += NT) {
+            const int i = i0 + r;
+            const bool ok = i < T;
+            const long long at = ok ? (long long)h * T + i : 0;
+            cp_async4(smem_u32(sL + b * BQ + r), lse + at, ok);
+            cp_async4(smem_u32(sD + b * BQ + r), delta + at, ok);
+        }
+    };
+    load_q(0, 0);
+    cp_commit();
+
+    float dk[NO][4], dv[NO][4];
+#pragma unroll
+    for (int i = 0; i < NO; ++i) {
+        dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
+        dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
+    }
+    const int w0 = k0 + warp * 16;
+    const int keys[2] = {w0 + g, w0 + g + 8};
+    const long long os = (long long)(nh + 2 * nkv) * d;
+    const int rg = warp % RG, cg = warp / RG;
+
+    for (int it = 0; it < total; ++it) {
+        const int buf = it & 1, qt = nq - 1 - it, i0 = qt * BQ;
+        if (it + 1 < total) load_q(it + 1, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        __syncthreads();
+
+        const u16* q_t = sQ + buf * BQ * LD;
+        u16* g_t = sG + buf * BQ * LD;
+        u16* sS = OWN_S ? (u16*)(sD + 2 * BQ) : g_t;
+        // Only diagonal tiles and a ragged last tile have hidden entries.
+        const bool mask = i0 + BQ > T || w0 + 15 > i0;
+        u32 pf[BQ / 16][4];
+        dkdv_tile<D, BQ>(dk, dv, pf, sK + warp * 16 * LD, sV + warp * 16 * LD, q_t, g_t, sL + buf * BQ,
+                         sD + buf * BQ, i0, keys, mask, T, 0, sl2, sc, cl2, lane);
+        if (!OWN_S) __syncthreads();  // every warp is done with dO: its buffer takes dSᵀ
+#pragma unroll
+        for (int kk = 0; kk < BQ / 16; ++kk)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                *(u32*)(sS + (warp * 16 + g + 8 * (e & 1)) * LDS + kk * 16 + 8 * (e >> 1) + 2 * t4) = pf[kk][e];
+        int* s = sem + (long long)h * nq + qt;
+        if (kb > 0 && tid == 0) sem_wait(s, kb);
+        __syncthreads();
+
+        // dQ rows rg·16.. of the tile, columns of group cg: A = dS (ldmatrix.trans of dSᵀ),
+        // B = K, reduced over the block's BK keys.
+        const bool first = kb == 0, last = kb == qt / R;
+        const u32 a_base = smem_u32(sS + ((lane & 7) + ((lane >> 4) << 3)) * LDS + rg * 16 + ((lane >> 3) & 1) * 8);
+        const u32 b_base = smem_u32(sK + ((lane & 7) + (((lane >> 3) & 1) << 3)) * LD + (lane >> 4) * 8);
+#pragma unroll
+        for (int c0 = cg * NOW; c0 < (cg + 1) * NOW; c0 += CH) {
+            float acc[CH][4];
+#pragma unroll
+            for (int i = 0; i < CH; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < BK / 16; ++kk) {
+                u32 a[4];
+                ldsm_x4_t(a, a_base + kk * 16 * LDS * 2);
+#pragma unroll
+                for (int nb = 0; nb < CH; nb += 2) {
+                    u32 b[4];
+                    ldsm_x4_t(b, b_base + (kk * 16 * LD + (c0 + nb) * 8) * 2);
+                    mma16816(acc[nb], a, b[0], b[1]);
+                    mma16816(acc[nb + 1], a, b[2], b[3]);
+                }
+            }
+            if (!first && !last) {
+                // Lanes t, t^1 swap pairs: the even one adds 4 columns of row g, the odd one of
+                // row g + 8 (every lane shuffles, so no lane may skip ahead of the bounds test).
+                const int odd = t4 & 1, row = i0 + rg * 16 + g + 8 * odd;
+                float* arow = dqacc + ((long long)h * T + row) * d;
+#pragma unroll
+                for (int nb = 0; nb < CH; ++nb) {
+                    // Selects, not a computed index: that would put acc in local memory.
+                    const float s0 = odd ? acc[nb][0] : acc[nb][2], s1 = odd ? acc[nb][1] : acc[nb][3];
+                    const float r0 = __shfl_xor_sync(0xffffffff, s0, 1), r1 = __shfl_xor_sync(0xffffffff, s1, 1);
+                    const int col = (c0 + nb) * 8 + 2 * (t4 & 2);
+                    if (row < T && col < d) {
+                        if (odd)
+                            red_add4(arow + col, r0, r1, acc[nb][2], acc[nb][3]);
+                        else
+                            red_add4(arow + col, acc[nb][0], acc[nb][1], r0, r1);
+                    }
+                }
+                continue;
+            }
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int row = i0 + rg * 16 + g + 8 * half;
+                if (row >= T) continue;
+                float* arow = dqacc + ((long long)h * T + row) * d;
+#pragma unroll
+                for (int nb = 0; nb < CH; ++nb) {
+                    const int col = (c0 + nb) * 8 + 2 * t4;
+                    if (col >= d) continue;
+                    float x0 = acc[nb][2 * half], x1 = acc[nb][2 * half + 1];
+                    if (last) {
+                        if (!first) {
+                            const float2 o = __ldcg((const float2*)(arow + col));
+                            x0 = o.x + x0;
+                            x1 = o.y + x1;
+                        }
+                        *(u32*)(dqkv + (long long)row * os + (long long)h * d + col) =
+                            pack_bf16(x0 * scale, x1 * scale);
+                    } else {
+                        __stcg((float2*)(arow + col), make_float2(x0, x1));
+                    }
+                }
+            }
+        }
+        // Release: every thread's share is issued; the fence orders them before the count.
+        __syncthreads();
+        if (tid == 0 && !last) {
+            __threadfence();
+            atomicAdd(s, 1);
+        }
+    }
+    dkdv_store<D>(dk, dv, keys, part, group, split, dqkv, T, nh, nkv, kh, d, scale, t4);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Entry points, one per (tile width D, warps NW, inner tile BC or BQ). The host (flash.rs
 // `Tiles`, scripts/flash_check.py `tiles`) derives grid and shared memory from the same numbers:
 //   fwd:    grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (16·RW·NW + 4BC)·(D+8)·2
 //   dq:     grid ceil(T / 16·RW·NW)·nh,      block 32NW, smem (32·RW·NW + 4BC)·(D+8)·2
 //   dkdv:   grid ceil(T / 16NW)·nkv·nsplit,  block 32NW, smem (32NW + 4BQ)·(D+8)·2 + 16BQ
+//   fused:  grid ceil(T / 16NW)·nh,          block 32NW, smem 6·16NW·(D+8)·2 + 16·16NW
+//           (+ 16NW·(16NW+8)·2 where D < 16NW); scratch dqacc f32 nh·T·d, sem int nh·ceil(T/16NW)
+//           zeroed, part as dkdv with nsplit = nh/nkv
 //   reduce: grid ceil(T·2nkv·d / 4 / 256),   block 256 (only where nsplit > 1)
 #define FWD(name, D, NW, BC, RW)                                                                               \
     extern "C" __global__ void __launch_bounds__(32 * NW) name(                                                \
@@ -739,6 +968,15 @@ extern "C" __global__ void flash_bwd_dkdv_reduce(const float* __restrict__ part,
 // 16 rows each (register-bound: dK and dV, or dQ, plus two score tiles); a dK/dV query tile
 // of 32, or 8 warps, lost 8-12 %. __launch_bounds__(.., 3) keeps dK/dV at D = 64 at 168
 // registers (3 CTAs per SM; the split's epilogue had pushed it to 220).
+#define FUSED(name, D, NW, BQ, CH, MINB)                                                               \
+    extern "C" __global__ void __launch_bounds__(32 * NW, MINB) name(                                          \
+        const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
+        u16* dqkv, float* part, float* dqacc, int* sem, int T, int nh, int nkv, int d, float scale,            \
+        float cap) {                                                                                           \
+        flash_bwd_fused<D, NW, BQ, CH>(q, k, v, go, lse, delta, dqkv, part, dqacc, sem, T, nh, nkv, d, scale,  \
+                                       cap);                                                                   \
+    }
+
 FWD(flash_fwd_d32, 32, 4, 64, 1)
 FWD(flash_fwd_d64, 64, 4, 64, 1)
 FWD(flash_fwd_d128, 128, 4, 64, 2)
@@ -748,4 +986,8 @@ DQ(flash_bwd_dq_d128, 128, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d32, 32, 4, 64, 1)
 DKDV(flash_bwd_dkdv_d64, 64, 4, 64, 3)
 DKDV(flash_bwd_dkdv_d128, 128, 4, 64, 1)
-
+// One-pass backward: 128 keys per CTA (8 warps) at D = 128 halve the dQ additions against 64
+// (2.40 against 2.60 ms at T = 4096); at D = 64, 4 warps keep 3 CTAs per SM (1.42 against 1.70).
+FUSED(flash_bwd_fused_d32, 32, 4, 64, 4, 1)
+FUSED(flash_bwd_fused_d64, 64, 4, 64, 8, 3)
+FUSED(flash_bwd_fused_d128, 128, 8, 64, 8, 1)
