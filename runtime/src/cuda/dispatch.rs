@@ -181,7 +181,7 @@ pub(crate) fn execute(
         Op::RmsNorm { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            launch!(be, "rms_norm" @ f, row_blocks(rows as usize, NORM_THREADS);
+            launch!(be, "rms_norm" @ f, row_blocks(rows as usize, norm_threads(h));
                 operands[0].data(), operands[1].data(), out.data_mut(), &rows, &h, &eps, &offset)?;
         }
         Op::LayerNorm { eps } => {
@@ -475,7 +475,7 @@ pub(crate) fn execute(
         Op::RmsNormBackward { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            launch!(be, "rms_norm_backward" @ f, row_blocks(rows as usize, NORM_THREADS);
+            launch!(be, "rms_norm_backward" @ f, row_blocks(rows as usize, norm_threads(h));
                 operands[0].data(), operands[1].data(), operands[2].data(),
                 out.data_mut(), &rows, &h, &eps, &offset)?;
         }
@@ -874,6 +874,17 @@ fn rotate(
     let inter = rope.interleaved as i32;
     launch!(be, "rope" @ f, row_blocks(t as usize, ROPE_THREADS);
         x.data(), ints(name, pos)?, &inv_freq, out.data_mut(), &t, &heads, &hd, &half, &inter, &sign)
+}
+
+/// Threads per row of the RMS norms: h/16 where the row fits the kernels' vector path (16
+/// elements a thread, in 4-element loads: h a multiple of 512 up to 16384), else
+/// `NORM_THREADS` with the scalar loops.
+fn norm_threads(h: i64) -> u32 {
+    if h % 512 == 0 && (512..=16384).contains(&h) {
+        (h / 16) as u32
+    } else {
+        NORM_THREADS
+    }
 }
 
 /// Threads per block of the rope kernel (one block per position).

@@ -39,6 +39,34 @@ __device__ __forceinline__ float ld(S x) { return x; }
 __device__ __forceinline__ S st(float x) { return x; }
 #endif
 
+// Four consecutive storage elements as one load / store (8 bytes of bf16, 16 of f32), for
+// the memory-bound row kernels; the address must be a multiple of the vector size.
+#if STORAGE_BF16
+typedef uint2 V4;
+__device__ __forceinline__ void ld4(const S* p, float* f) {
+    uint2 v = *(const uint2*)p;
+    f[0] = __uint_as_float(v.x << 16);
+    f[1] = __uint_as_float(v.x & 0xffff0000u);
+    f[2] = __uint_as_float(v.y << 16);
+    f[3] = __uint_as_float(v.y & 0xffff0000u);
+}
+__device__ __forceinline__ void st4(S* p, const float* f) {
+    uint2 v;
+    v.x = (unsigned int)st(f[0]) | ((unsigned int)st(f[1]) << 16);
+    v.y = (unsigned int)st(f[2]) | ((unsigned int)st(f[3]) << 16);
+    *(uint2*)p = v;
+}
+#else
+__device__ __forceinline__ void ld4(const S* p, float* f) {
+    float4 v = *(const float4*)p;
+    f[0] = v.x;
+    f[1] = v.y;
+    f[2] = v.z;
+    f[3] = v.w;
+}
+__device__ __forceinline__ void st4(S* p, const float* f) { *(float4*)p = make_float4(f[0], f[1], f[2], f[3]); }
+#endif
+
 #define MAXR 8
 #define NEG_INF __int_as_float(0xff800000)
 #define LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
@@ -444,18 +472,21 @@ __device__ void SFX(ln_stats)(const S* x, long long h, double eps, float* mean_o
 
 #define ROWS(r, rows) for (long long r = blockIdx.x; r < (rows); r += gridDim.x)
 
-// Rows up to NORM_CACHE·NORM_THREADS wide (4096) are read once: each thread loads its
-// NORM_CACHE elements (the same j = tid + k·blockDim as the loop of rms_inv, so the sums run
-// in the same order and the results are the same bits) into registers, all loads issued
-// before the first is used, and the output pass reuses them. One load in flight per
-// thread, and a second read of the row, had kept the norms at a quarter of memory speed.
-#define NORM_CACHE 16
+// Rows of h = 16·blockDim (the host launches h/16 threads when h is a multiple of 512, up to
+// 16384: every Llama hidden size) take the vector path: each thread loads its NORM_VEC
+// chunks of 4 elements (chunk q = tid + k·blockDim) with unconditional 8-/16-byte loads, all
+// in flight at once, keeps them in registers for the output pass, and the row is read once.
+// The scalar loop (one 2-byte load in flight per thread, the row read twice) ran at a
+// quarter of memory speed; a register cache with guarded scalar loads was slower still
+// (the guards kept the loads apart). Other widths take the scalar loops. The f64 sums run
+// in another order than the scalar loop's (both differ from the CPU's sequential order).
+#define NORM_VEC 4
 
-// rms_inv over the row held in `xv` (zeros past h, which add nothing).
-__device__ __forceinline__ float rms_inv_cached(const float* xv, long long h, float eps, double* sh) {
+// 1/rms of the row held in `xv` (4·NORM_VEC elements per thread).
+__device__ __forceinline__ float rms_inv_vec(const float* xv, long long h, float eps, double* sh) {
     double s = 0.0;
 #pragma unroll
-    for (int k = 0; k < NORM_CACHE; ++k) {
+    for (int k = 0; k < 4 * NORM_VEC; ++k) {
         double v = (double)xv[k];
         s += v * v;
     }
@@ -467,20 +498,21 @@ __device__ __forceinline__ float rms_inv_cached(const float* xv, long long h, fl
 __global__ void SFX(rms_norm)(const S* x, const S* w, S* o, long long rows, long long h, float eps,
                               float offset) {
     __shared__ double sh[NORM_THREADS];
-    if (h <= (long long)NORM_CACHE * blockDim.x) {
+    if (h == 4 * NORM_VEC * (long long)blockDim.x) {
         ROWS(r, rows) {
             const S* xr = x + r * h;
-            float xv[NORM_CACHE];
+            float xv[4 * NORM_VEC];
 #pragma unroll
-            for (int k = 0; k < NORM_CACHE; ++k) {
-                long long j = threadIdx.x + (long long)k * blockDim.x;
-                xv[k] = j < h ? ld(xr[j]) : 0.0f;
-            }
-            float inv = rms_inv_cached(xv, h, eps, sh);
+            for (int k = 0; k < NORM_VEC; ++k) ld4(xr + 4 * (threadIdx.x + k * blockDim.x), xv + 4 * k);
+            float inv = rms_inv_vec(xv, h, eps, sh);
 #pragma unroll
-            for (int k = 0; k < NORM_CACHE; ++k) {
-                long long j = threadIdx.x + (long long)k * blockDim.x;
-                if (j < h) o[r * h + j] = st(xv[k] * inv * (offset + ld(w[j])));
+            for (int k = 0; k < NORM_VEC; ++k) {
+                long long j = 4 * (threadIdx.x + k * blockDim.x);
+                float wv[4], y[4];
+                ld4(w + j, wv);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) y[q] = xv[4 * k + q] * inv * (offset + wv[q]);
+                st4(o + r * h + j, y);
             }
         }
         return;
@@ -510,30 +542,36 @@ __global__ void SFX(layer_norm)(const S* x, const S* w, const S* b, int has_b, S
 __global__ void SFX(rms_norm_backward)(const S* x, const S* w, const S* g, S* o, long long rows, long long h,
                                        float eps, float offset) {
     __shared__ double sh[NORM_THREADS];
-    if (h <= (long long)NORM_CACHE * blockDim.x) {
+    if (h == 4 * NORM_VEC * (long long)blockDim.x) {
         ROWS(r, rows) {
             const S* xr = x + r * h;
             const S* gr = g + r * h;
-            // x, g and offset + w of the thread's columns, loaded once (see NORM_CACHE).
-            float xv[NORM_CACHE], gv[NORM_CACHE], wv[NORM_CACHE];
+            // x, g and offset + w of the thread's chunks, loaded once (see NORM_VEC).
+            float xv[4 * NORM_VEC], gv[4 * NORM_VEC], wv[4 * NORM_VEC];
 #pragma unroll
-            for (int k = 0; k < NORM_CACHE; ++k) {
-                long long j = threadIdx.x + (long long)k * blockDim.x;
-                bool in = j < h;
-                xv[k] = in ? ld(xr[j]) : 0.0f;
-                gv[k] = in ? ld(gr[j]) : 0.0f;
-                wv[k] = in ? offset + ld(w[j]) : 0.0f;
+            for (int k = 0; k < NORM_VEC; ++k) {
+                long long j = 4 * (threadIdx.x + k * blockDim.x);
+                ld4(xr + j, xv + 4 * k);
+                ld4(gr + j, gv + 4 * k);
+                ld4(w + j, wv + 4 * k);
             }
-            double inv = (double)rms_inv_cached(xv, h, eps, sh);
+#pragma unroll
+            for (int k = 0; k < 4 * NORM_VEC; ++k) wv[k] = offset + wv[k];
+            double inv = (double)rms_inv_vec(xv, h, eps, sh);
             double dot = 0.0;
 #pragma unroll
-            for (int k = 0; k < NORM_CACHE; ++k) dot += (double)xv[k] * (double)gv[k] * (double)wv[k];
+            for (int k = 0; k < 4 * NORM_VEC; ++k) dot += (double)xv[k] * (double)gv[k] * (double)wv[k];
             dot = block_sum(dot, sh);
             double c = inv * inv * inv * dot / (double)h;
 #pragma unroll
-            for (int k = 0; k < NORM_CACHE; ++k) {
-                long long j = threadIdx.x + (long long)k * blockDim.x;
-                if (j < h) o[r * h + j] = st((float)(inv * (double)wv[k] * (double)gv[k] - c * (double)xv[k]));
+            for (int k = 0; k < NORM_VEC; ++k) {
+                float y[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    int e = 4 * k + q;
+                    y[q] = (float)(inv * (double)wv[e] * (double)gv[e] - c * (double)xv[e]);
+                }
+                st4(o + r * h + 4 * (threadIdx.x + k * blockDim.x), y);
             }
         }
         return;
@@ -623,13 +661,15 @@ __global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* 
 // thousands of radians are slow), then rotates every (head, pair) of the position. The
 // inverse frequencies come by value (no upload, no scratch); indices are 32-bit within a
 // position; each thread loads ROPE_UNROLL pairs before storing any, so that enough loads are
-// in flight to keep the memory busy. `sign` = −1 turns by −θ (the backward).
+// in flight to keep the memory busy. `__grid_constant__` lets threads index the frequencies
+// in parameter space: without it each thread copied the whole 1 kB array to local memory.
+// `sign` = −1 turns by −θ (the backward).
 #define ROPE_MAX_HALF 256
 #define ROPE_UNROLL 4
 struct InvFreq {
     float f[ROPE_MAX_HALF];
 };
-__global__ void SFX(rope)(const S* x, const int* pos, InvFreq fr, S* o, long long t, int heads, int hd, int half,
+__global__ void SFX(rope)(const S* x, const int* pos, const __grid_constant__ InvFreq fr, S* o, long long t, int heads, int hd, int half,
                           int interleaved, float sign) {
     __shared__ float2 cs[ROPE_MAX_HALF];
     const int pairs = heads * half, rest = hd - 2 * half;
@@ -813,8 +853,10 @@ __global__ void SFX(attention_dkv)(const S* q, const S* k, const S* v, const S* 
 // wide): a block-wide max, then Σ exp(z − m) with float exponentials summed in f64 per
 // thread and across the block, as the CPU sums `exp` terms in f64. The logits are read in
 // their storage type and never widened to an f32 copy. Reading the row twice costs nothing
-// extra: 256 kB of bf16 stays in L2 between the passes. The loops are unrolled so that
-// several loads are in flight per thread (the sums still run in j order). Thread 0 also
+// extra: 256 kB of bf16 stays in L2 between the passes. Rows of a multiple of 4 elements are
+// read 4 at a time (8-/16-byte loads; the f64 sum then runs in another order than the scalar
+// loop's, both unlike the CPU's sequential one), and the loops are unrolled so that several
+// loads are in flight per thread. Thread 0 also
 // writes the row's loss term lse − z[y] (0 for an ignored row), so that the loss sum reads
 // one contiguous array instead of one scattered logit per row.
 #define LSE_THREADS 512
@@ -823,9 +865,19 @@ __global__ void SFX(row_lse)(const S* z, const int* y, double* lse, double* term
     __shared__ double ssum[LSE_THREADS];
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const S* zr = z + r * v;
+        const bool vec = v % 4 == 0;
         float m = NEG_INF;
+        if (vec) {
+#pragma unroll 4
+            for (long long j = 4 * threadIdx.x; j < v; j += 4 * blockDim.x) {
+                float f[4];
+                ld4(zr + j, f);
+                m = fmaxf(m, fmaxf(fmaxf(f[0], f[1]), fmaxf(f[2], f[3])));
+            }
+        } else {
 #pragma unroll 8
-        for (long long j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(zr[j]));
+            for (long long j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(zr[j]));
+        }
         smax[threadIdx.x] = m;
         __syncthreads();
         for (int w = blockDim.x / 2; w > 0; w >>= 1) {
@@ -834,8 +886,18 @@ __global__ void SFX(row_lse)(const S* z, const int* y, double* lse, double* term
         }
         m = smax[0];
         double s = 0.0;
+        if (vec) {
+#pragma unroll 4
+            for (long long j = 4 * threadIdx.x; j < v; j += 4 * blockDim.x) {
+                float f[4];
+                ld4(zr + j, f);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) s += (double)expf(f[q] - m);
+            }
+        } else {
 #pragma unroll 8
-        for (long long j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(ld(zr[j]) - m);
+            for (long long j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(ld(zr[j]) - m);
+        }
         ssum[threadIdx.x] = s;
         __syncthreads();
         for (int w = blockDim.x / 2; w > 0; w >>= 1) {
@@ -871,7 +933,8 @@ __global__ void SFX(cross_entropy)(const double* term, float* o, long long rows,
 }
 
 // `g·(softmax − onehot)/count`, written straight into the logits' storage type; one block
-// per row (no 64-bit division per element), loads unrolled.
+// per row (no 64-bit division per element), 4 elements per load and store where the row
+// length allows (the arithmetic per element is the same either way).
 __global__ void SFX(cross_entropy_backward)(const S* z, const int* y, const double* lse, const float* g, S* o,
                                             long long rows, long long v, long long count) {
     double sd = (double)g[0] / (double)count;
@@ -885,6 +948,20 @@ __global__ void SFX(cross_entropy_backward)(const S* z, const int* y, const doub
             continue;
         }
         double lr = lse[r];
+        if (v % 4 == 0) {
+#pragma unroll 2
+            for (long long c = 4 * threadIdx.x; c < v; c += 4 * blockDim.x) {
+                float zv[4], p[4];
+                ld4(zr + c, zv);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    float pq = (float)(exp((double)zv[q] - lr) * sd);
+                    p[q] = c + q == l ? pq - s : pq;
+                }
+                st4(orow + c, p);
+            }
+            continue;
+        }
 #pragma unroll 4
         for (long long c = threadIdx.x; c < v; c += blockDim.x) {
             float p = (float)(exp((double)ld(zr[c]) - lr) * sd);
