@@ -1015,3 +1015,28 @@ impl AttnArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{copy_word, group_by_id};
+
+    #[test]
+    fn copy_word_is_the_widest_dividing_every_count() {
+        // bf16 [4096, 48, 128] sliced to heads 32..40: pitch 12288, offset 8192, width 2048 bytes.
+        assert_eq!(copy_word(2, &[12288, 8192, 2048]), 16);
+        assert_eq!(copy_word(2, &[12, 8, 4]), 4);
+        assert_eq!(copy_word(2, &[24, 6, 8]), 2);
+        assert_eq!(copy_word(4, &[40, 8, 24]), 8);
+        assert_eq!(copy_word(4, &[12, 4, 8]), 4);
+    }
+
+    #[test]
+    fn group_by_id_keeps_each_ids_positions_in_sequence_order() {
+        let (order, starts) = group_by_id(&[5, 2, 5, 0, 2, 5]);
+        assert_eq!(order, vec![3, 1, 4, 0, 2, 5]);
+        assert_eq!(starts, vec![0, 1, 3, 6]);
+        let (order, starts) = group_by_id(&[]);
+        assert!(order.is_empty());
+        assert_eq!(starts, vec![0]);
+    }
+}
