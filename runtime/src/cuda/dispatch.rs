@@ -15,7 +15,7 @@ use super::gemm::{Elem, Product};
 use super::launch::{launch, rows as row_blocks, Strided};
 use super::{cuda_err, CudaBackend, CudaTensor, DevData, Float};
 use crate::backend::KernelError;
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 use qplc_ops::{BinaryOp, DType, Op, ReduceOp, Rope, TensorType, UnaryOp};
 
 /// Threads per block of the row-per-block log-sum-exp (`LSE_THREADS` in kernels.cu).
@@ -148,7 +148,7 @@ pub(crate) fn execute(
         Op::RmsNorm { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            launch!(be, "rms_norm" @ f, row_blocks(rows as usize, NORM_THREADS);
+            launch!(be, "rms_norm" @ f, row_blocks(rows as usize, norm_threads(h));
                 operands[0].data(), operands[1].data(), out.data_mut(), &rows, &h, &eps, &offset)?;
         }
         Op::LayerNorm { eps } => {
@@ -316,32 +316,51 @@ pub(crate) fn execute(
             let dims = operands[0].ty.shape.dims();
             let outer: usize = dims[..*axis].iter().product();
             let inner: usize = dims[axis + 1..].iter().product();
-            let (o_, l_, i_, s_, b_) = (
-                outer as i64,
-                dims[*axis] as i64,
-                inner as i64,
-                *start as i64,
-                ((end - start) * inner) as i64,
-            );
             let w = words(name, operands[0], out)?;
-            launch!(be, "slice" @ w, n;
-                operands[0].data(), out.data_mut(), &o_, &l_, &i_, &s_, &b_)?;
+            // Byte counts per row of x: its pitch, the slice's offset and width.
+            let es = word_bytes(w);
+            let (pitch, off, width) = (
+                dims[*axis] * inner * es,
+                start * inner * es,
+                (end - start) * inner * es,
+            );
+            let wb = copy_word(es, &[pitch, off, width]);
+            let (r_, w_, p_, o_, wb_) = (
+                outer as i64,
+                (width / wb) as i64,
+                (pitch / wb) as i64,
+                (off / wb) as i64,
+                wb as i32,
+            );
+            launch!(be, "slice" @ w, outer * (width / wb);
+                operands[0].data(), out.data_mut(), &r_, &w_, &p_, &o_, &wb_)?;
         }
         Op::Concat { axis } => {
             moves_data_only = true;
             let dims = out.ty.shape.dims().to_vec();
             let outer: usize = dims[..*axis].iter().product();
             let inner: usize = dims[axis + 1..].iter().product();
-            let row = (dims[*axis] * inner) as i64;
-            let mut offset = 0i64;
+            let mut offset = 0usize;
             for x in operands {
-                let block = (x.ty.shape.dims()[*axis] * inner) as i64;
-                let o_ = outer as i64;
-                let cnt = x.ty.shape.numel();
                 let w = words(name, x, out)?;
-                launch!(be, "place" @ w, cnt;
-                    x.data(), out.data_mut(), &o_, &block, &row, &offset)?;
-                offset += block;
+                // Byte counts per row of the output: its pitch, x's offset and width.
+                let es = word_bytes(w);
+                let (pitch, off, width) = (
+                    dims[*axis] * inner * es,
+                    offset * inner * es,
+                    x.ty.shape.dims()[*axis] * inner * es,
+                );
+                let wb = copy_word(es, &[pitch, off, width]);
+                let (r_, w_, p_, o_, wb_) = (
+                    outer as i64,
+                    (width / wb) as i64,
+                    (pitch / wb) as i64,
+                    (off / wb) as i64,
+                    wb as i32,
+                );
+                launch!(be, "place" @ w, outer * (width / wb);
+                    x.data(), out.data_mut(), &r_, &w_, &p_, &o_, &wb_)?;
+                offset += x.ty.shape.dims()[*axis];
             }
         }
         Op::Cast { .. } => cast(be, name, operands[0], out)?,
@@ -351,16 +370,24 @@ pub(crate) fn execute(
             let count = check_labels(be, name, y, v)? as i64;
             let mut lse = be.scratch::<f64>(rows)?;
             let lse: &mut CudaSlice<f64> = &mut lse;
+            let mut term = be.scratch::<f64>(rows)?;
+            let term: &mut CudaSlice<f64> = &mut term;
             let (r_, v_) = (rows as i64, v as i64);
             let ys = ints(name, y)?;
-            launch!(be, "row_lse" @ f, row_blocks(rows, LSE_THREADS); z.data(), &mut *lse, &r_, &v_)?;
-            let lse: &CudaSlice<f64> = lse;
+            launch!(be, "row_lse" @ f, row_blocks(rows, LSE_THREADS);
+                z.data(), ys, &mut *lse, &mut *term, &r_, &v_)?;
+            let (lse, term): (&CudaSlice<f64>, &CudaSlice<f64>) = (lse, term);
             if matches!(op, Op::CrossEntropy) {
-                launch!(be, "cross_entropy" @ f, 1usize;
-                    z.data(), ys, lse, out.data_mut(), &r_, &v_, &count)?;
+                // One block: it stages the terms, its thread 0 adds them in row order.
+                let one = LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launch!(be, "cross_entropy" @ f, one; term, out.data_mut(), &r_, &count)?;
             } else {
                 let g = f32_scalar(be, name, operands[2])?;
-                launch!(be, "cross_entropy_backward" @ f, n;
+                launch!(be, "cross_entropy_backward" @ f, row_blocks(rows, 256);
                     z.data(), ys, lse, g.slice(), out.data_mut(), &r_, &v_, &count)?;
             }
         }
@@ -400,28 +427,22 @@ pub(crate) fn execute(
             let (ids, g) = (operands[0], operands[1]);
             check_ids(be, name, ids, *vocab)?;
             let h = out.ty.shape.dims()[1];
-            let (t, hh) = (ids.ty.shape.numel() as i64, h as i64);
+            let hh = h as i64;
+            // Positions grouped by id on the host (the ids' host copy): a block per distinct
+            // id sums its positions in sequence order in f32 and rounds once, as the CPU.
+            let (order, starts) = group_by_id(&host_ints(be, name, ids)?);
+            let groups = (starts.len() - 1) as i64;
+            let order = upload_ints(be, name, &order)?;
+            let starts = upload_ints(be, name, &starts)?;
             let ids = ints(name, ids)?;
-            // Sums of repeated ids accumulate in f32 and are rounded once, as on the CPU.
-            match out.data_mut() {
-                DevData::F32(o) => {
-                    be.fill_f32(o, n, 0.0)?;
-                    launch!(be, "embedding_backward" @ f, h; ids, g.data(), o, &t, &hh)?;
-                }
-                o => {
-                    let mut acc = be.scratch::<f32>(n)?;
-                    let acc: &mut CudaSlice<f32> = &mut acc;
-                    be.fill_f32(acc, n, 0.0)?;
-                    launch!(be, "embedding_backward" @ f, h; ids, g.data(), &mut *acc, &t, &hh)?;
-                    let acc: &CudaSlice<f32> = acc;
-                    launch!(be, "narrow_bf16", n; acc, o, &nn)?;
-                }
-            }
+            be.fill(out.data_mut(), n, 0.0)?;
+            launch!(be, "embedding_backward" @ f, row_blocks(groups as usize, 256);
+                ids, &*order, &*starts, &groups, g.data(), out.data_mut(), &hh)?;
         }
         Op::RmsNormBackward { eps, offset } => {
             let (rows, h) = rows_h(operands[0]);
             let (eps, offset) = (*eps as f32, *offset as f32);
-            launch!(be, "rms_norm_backward" @ f, row_blocks(rows as usize, NORM_THREADS);
+            launch!(be, "rms_norm_backward" @ f, row_blocks(rows as usize, norm_threads(h));
                 operands[0].data(), operands[1].data(), operands[2].data(),
                 out.data_mut(), &rows, &h, &eps, &offset)?;
         }
@@ -868,28 +889,101 @@ fn rotate(
         ));
     }
     let dims = x.ty.shape.dims();
-    let (t, heads, hd) = (dims[0] as i64, dims[1] as i64, dims[2] as i64);
-    // The same f32 inverse frequencies as the CPU kernel (from f64 `Rope::inv_freq`).
-    let inv_freq: Vec<f32> = rope.inv_freq().iter().map(|&f| f as f32).collect();
-    let mut freq = be.scratch::<f32>(inv_freq.len())?;
-    let freq: &mut CudaSlice<f32> = &mut freq;
-    if !inv_freq.is_empty() {
-        be.stream
-            .memcpy_htod(inv_freq.as_slice(), &mut *freq)
-            .map_err(|e| cuda_err(name, "upload inv_freq", e))?;
+    let t = dims[0] as i64;
+    let (heads, hd) = (dims[1] as i32, dims[2] as i32);
+    // The same f32 inverse frequencies as the CPU kernel (from f64 `Rope::inv_freq`), passed
+    // by value: no upload from pageable memory, no scratch, nothing to cache.
+    let freqs = rope.inv_freq();
+    if freqs.len() > ROPE_MAX_HALF {
+        return Err(KernelError::new(
+            name,
+            format!(
+                "rotary dimension {} is above the GPU kernel's limit of {}",
+                rope.rotary_dim,
+                2 * ROPE_MAX_HALF
+            ),
+        ));
     }
-    let half = (rope.rotary_dim / 2) as i64;
+    let mut inv_freq = InvFreq([0.0; ROPE_MAX_HALF]);
+    for (d, &f) in inv_freq.0.iter_mut().zip(&freqs) {
+        *d = f as f32;
+    }
+    let half = (rope.rotary_dim / 2) as i32;
     let inter = rope.interleaved as i32;
-    let n = out.ty.shape.numel();
-    let freq: &CudaSlice<f32> = freq;
-    // (cos, sin) pairs, float2 per (position, pair).
-    let mut table = be.scratch::<f32>((2 * t * half).max(1) as usize)?;
-    let table: &mut CudaSlice<f32> = &mut table;
-    launch!(be, "rope_table", (t * half) as usize;
-        ints(name, pos)?, freq, &mut *table, &t, &half)?;
-    let table: &CudaSlice<f32> = table;
-    launch!(be, "rope" @ f, n;
-        x.data(), table, out.data_mut(), &t, &heads, &hd, &half, &inter, &sign)
+    launch!(be, "rope" @ f, row_blocks(t as usize, ROPE_THREADS);
+        x.data(), ints(name, pos)?, &inv_freq, out.data_mut(), &t, &heads, &hd, &half, &inter, &sign)
+}
+
+/// Threads per row of the RMS norms: h/16 where the row fits the kernels' vector path (16
+/// elements a thread, in 4-element loads: h a multiple of 512 up to 16384), else
+/// `NORM_THREADS` with the scalar loops.
+fn norm_threads(h: i64) -> u32 {
+    if h % 512 == 0 && (512..=16384).contains(&h) {
+        (h / 16) as u32
+    } else {
+        NORM_THREADS
+    }
+}
+
+/// Threads per block of the rope kernel (one block per position).
+const ROPE_THREADS: u32 = 256;
+/// Largest number of rotated pairs (`ROPE_MAX_HALF` in kernels.cu).
+const ROPE_MAX_HALF: usize = 256;
+
+/// `struct InvFreq` of kernels.cu: the inverse frequencies as a kernel argument.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct InvFreq([f32; ROPE_MAX_HALF]);
+
+// SAFETY: a `#[repr(C)]` array of f32, laid out as the C struct.
+unsafe impl DeviceRepr for InvFreq {}
+
+/// Bytes of a data-movement kernel build's word (see `words`).
+fn word_bytes(w: Float) -> usize {
+    match w {
+        Float::F32 => 4,
+        Float::BF16 => 2,
+    }
+}
+
+/// The widest word (16, 8 or 4 bytes, else the storage word of `es` bytes) that divides every
+/// byte count of a strided row copy (pitches, offsets, widths); buffers start 256-byte
+/// aligned (`cuMemAlloc`), so word-aligned counts make word-aligned addresses.
+fn copy_word(es: usize, counts: &[usize]) -> usize {
+    [16, 8, 4]
+        .into_iter()
+        .find(|&wb| wb >= es && counts.iter().all(|c| c % wb == 0))
+        .unwrap_or(es)
+}
+
+/// Positions sorted by id, stably (each id's positions stay in sequence order), and the
+/// start of each distinct id's run in that order, with the total appended.
+fn group_by_id(ids: &[i32]) -> (Vec<i32>, Vec<i32>) {
+    let mut order: Vec<i32> = (0..ids.len() as i32).collect();
+    order.sort_by_key(|&p| ids[p as usize]);
+    let mut starts = Vec::new();
+    for (k, &p) in order.iter().enumerate() {
+        if k == 0 || ids[p as usize] != ids[order[k - 1] as usize] {
+            starts.push(k as i32);
+        }
+    }
+    starts.push(order.len() as i32);
+    (order, starts)
+}
+
+/// A small host integer array in a scratch device buffer.
+fn upload_ints(
+    be: &CudaBackend,
+    name: &'static str,
+    v: &[i32],
+) -> Result<super::alloc::Scratch<i32>, KernelError> {
+    let mut s = be.scratch::<i32>(v.len().max(1))?;
+    if !v.is_empty() {
+        be.stream
+            .memcpy_htod(v, &mut *s)
+            .map_err(|e| cuda_err(name, "upload integers", e))?;
+    }
+    Ok(s)
 }
 
 /// Shapes and parameters of an attention op as kernel arguments.
@@ -957,5 +1051,30 @@ impl AttnArgs {
             window: window.map_or(-1, |w| w as i64),
             cap: softcap.map_or(0.0, |c| c as f32),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{copy_word, group_by_id};
+
+    #[test]
+    fn copy_word_is_the_widest_dividing_every_count() {
+        // bf16 [4096, 48, 128] sliced to heads 32..40: pitch 12288, offset 8192, width 2048 bytes.
+        assert_eq!(copy_word(2, &[12288, 8192, 2048]), 16);
+        assert_eq!(copy_word(2, &[12, 8, 4]), 4);
+        assert_eq!(copy_word(2, &[24, 6, 8]), 2);
+        assert_eq!(copy_word(4, &[40, 8, 24]), 8);
+        assert_eq!(copy_word(4, &[12, 4, 8]), 4);
+    }
+
+    #[test]
+    fn group_by_id_keeps_each_ids_positions_in_sequence_order() {
+        let (order, starts) = group_by_id(&[5, 2, 5, 0, 2, 5]);
+        assert_eq!(order, vec![3, 1, 4, 0, 2, 5]);
+        assert_eq!(starts, vec![0, 1, 3, 6]);
+        let (order, starts) = group_by_id(&[]);
+        assert!(order.is_empty());
+        assert_eq!(starts, vec![0]);
     }
 }

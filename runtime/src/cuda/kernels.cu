@@ -39,6 +39,34 @@ __device__ __forceinline__ float ld(S x) { return x; }
 __device__ __forceinline__ S st(float x) { return x; }
 #endif
 
+// Four consecutive storage elements as one load / store (8 bytes of bf16, 16 of f32), for
+// the memory-bound row kernels; the address must be a multiple of the vector size.
+#if STORAGE_BF16
+typedef uint2 V4;
+__device__ __forceinline__ void ld4(const S* p, float* f) {
+    uint2 v = *(const uint2*)p;
+    f[0] = __uint_as_float(v.x << 16);
+    f[1] = __uint_as_float(v.x & 0xffff0000u);
+    f[2] = __uint_as_float(v.y << 16);
+    f[3] = __uint_as_float(v.y & 0xffff0000u);
+}
+__device__ __forceinline__ void st4(S* p, const float* f) {
+    uint2 v;
+    v.x = (unsigned int)st(f[0]) | ((unsigned int)st(f[1]) << 16);
+    v.y = (unsigned int)st(f[2]) | ((unsigned int)st(f[3]) << 16);
+    *(uint2*)p = v;
+}
+#else
+__device__ __forceinline__ void ld4(const S* p, float* f) {
+    float4 v = *(const float4*)p;
+    f[0] = v.x;
+    f[1] = v.y;
+    f[2] = v.z;
+    f[3] = v.w;
+}
+__device__ __forceinline__ void st4(S* p, const float* f) { *(float4*)p = make_float4(f[0], f[1], f[2], f[3]); }
+#endif
+
 #define MAXR 8
 #define NEG_INF __int_as_float(0xff800000)
 #define LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
@@ -170,6 +198,34 @@ __device__ __forceinline__ float binary_partial(int op, int wrt, float a, float 
 
 // FUSED_PRELUDE_END
 
+// Strided row copies for slice and concat: `rows` rows of `width` words T from x (row pitch
+// `xs` words, starting at word `xo`) to o (pitch `os`, starting at `oo`). The host picks the
+// widest T (16, 8, 4 bytes or the storage word) that divides every width and offset: one
+// 2-byte word per thread left most of the memory bandwidth unused (notes/CUDA.md,
+// "Memory-bound kernels").
+template <typename T>
+__device__ __forceinline__ void copy_rows(const void* xv, void* ov, long long rows, long long width, long long xs,
+                                          long long xo, long long os, long long oo) {
+    const T* x = (const T*)xv;
+    T* o = (T*)ov;
+    LOOP(i, rows * width) {
+        long long r = i / width, c = i - r * width;
+        o[r * os + oo + c] = x[r * xs + xo + c];
+    }
+}
+
+// `wb` is the word size in bytes; the pitches and offsets count words of that size.
+template <typename W0>
+__device__ __forceinline__ void copy_rows_any(const void* x, void* o, long long rows, long long width, long long xs,
+                                              long long xo, long long os, long long oo, int wb) {
+    switch (wb) {
+    case 16: copy_rows<uint4>(x, o, rows, width, xs, xo, os, oo); break;
+    case 8: copy_rows<uint2>(x, o, rows, width, xs, xo, os, oo); break;
+    case 4: copy_rows<unsigned int>(x, o, rows, width, xs, xo, os, oo); break;
+    default: copy_rows<W0>(x, o, rows, width, xs, xo, os, oo); break;
+    }
+}
+
 extern "C" {
 
 #if !STORAGE_BF16
@@ -181,9 +237,9 @@ __global__ void round_storage(float* x, long long n, int mode) {
 
 __global__ void fill_i32(int* o, long long n, int v) { LOOP(i, n) o[i] = v; }
 
-// (cos, sin) of the angles `inv_freq[j]·pos[p]` (f32, as transformers builds them), once per
-// (position, pair) instead of once per element and head: accurate sinf/cosf of angles in the
-// thousands of radians take the slow argument reduction.
+// (cos, sin) of the angles `inv_freq[j]·pos[p]` (f32, as transformers builds them). No longer
+// launched: the rope kernel builds each position's table in shared memory. Kept while mod.rs's
+// F32_KERNEL_NAMES still loads it (h-kern must not edit mod.rs; drop both together).
 __global__ void rope_table(const int* pos, const float* inv_freq, float2* cs, long long t, long long half) {
     LOOP(i, t * half) {
         float a = inv_freq[i % half] * (float)pos[i / half];
@@ -270,21 +326,16 @@ __global__ void SFX(gather)(const W* x, W* o, long long n, Strided s) {
     }
 }
 
-// o viewed as [outer, row]; x as [outer, block] is placed at column `offset` of each row.
-__global__ void SFX(place)(const W* x, W* o, long long outer, long long block, long long row, long long offset) {
-    LOOP(i, outer * block) {
-        long long r = i / block, c = i % block;
-        o[r * row + offset + c] = x[i];
-    }
+// o viewed as [rows, os] words; x as [rows, width] is placed at word `oo` of each row
+// (concat). Words of `wb` bytes, see copy_rows.
+__global__ void SFX(place)(const W* x, W* o, long long rows, long long width, long long os, long long oo, int wb) {
+    copy_rows_any<W>(x, o, rows, width, width, 0, os, oo, wb);
 }
 
-// x viewed as [outer, len·inner]; rows start..start+block/inner of the middle axis.
-__global__ void SFX(slice)(const W* x, W* o, long long outer, long long len, long long inner, long long start,
-                           long long block) {
-    LOOP(i, outer * block) {
-        long long r = i / block, c = i % block;
-        o[i] = x[(r * len + start) * inner + c];
-    }
+// x viewed as [rows, xs] words; `width` words from word `xo` of each row (slice). Words of
+// `wb` bytes, see copy_rows.
+__global__ void SFX(slice)(const W* x, W* o, long long rows, long long width, long long xs, long long xo, int wb) {
+    copy_rows_any<W>(x, o, rows, width, xs, xo, width, 0, wb);
 }
 
 // Float → integer truncates toward zero and saturates, NaN → 0 (Rust `as i32`).
@@ -314,12 +365,21 @@ __global__ void SFX(embedding)(const int* ids, const S* table, S* o, long long t
     }
 }
 
-// One thread per column: each sums its positions in sequence order (deterministic, as the
-// CPU kernel) into f32 `o`, zeroed first by the caller. A bf16 result is accumulated in an
-// f32 buffer and rounded once after (dispatch's widening), as the CPU does.
-__global__ void SFX(embedding_backward)(const int* ids, const S* g, float* o, long long t, long long h) {
-    LOOP(c, h) {
-        for (long long r = 0; r < t; ++r) o[(long long)ids[r] * h + c] += ld(g[r * h + c]);
+// One block per distinct id: `order` lists the positions sorted by id (stable, so each id's
+// positions stay in sequence order) and `starts[k]..starts[k+1]` are id k's; each thread
+// sums its columns over them in that order in f32 (deterministic, as the CPU kernel) and
+// stores the sum rounded once. Rows of ids that never occur are zeroed by the caller. One
+// thread per column summing all positions had left the GPU nearly idle (2k threads).
+__global__ void SFX(embedding_backward)(const int* ids, const int* order, const int* starts, long long groups,
+                                        const S* g, S* o, long long h) {
+    for (long long k = blockIdx.x; k < groups; k += gridDim.x) {
+        int b = starts[k], e = starts[k + 1];
+        long long id = ids[order[b]];
+        for (long long c = threadIdx.x; c < h; c += blockDim.x) {
+            float acc = 0.0f;
+            for (int q = b; q < e; ++q) acc += ld(g[(long long)order[q] * h + c]);
+            o[id * h + c] = st(acc);
+        }
     }
 }
 
@@ -412,9 +472,51 @@ __device__ void SFX(ln_stats)(const S* x, long long h, double eps, float* mean_o
 
 #define ROWS(r, rows) for (long long r = blockIdx.x; r < (rows); r += gridDim.x)
 
+// Rows of h = 16·blockDim (the host launches h/16 threads when h is a multiple of 512, up to
+// 16384: every Llama hidden size) take the vector path: each thread loads its NORM_VEC
+// chunks of 4 elements (chunk q = tid + k·blockDim) with unconditional 8-/16-byte loads, all
+// in flight at once, keeps them in registers for the output pass, and the row is read once.
+// The scalar loop (one 2-byte load in flight per thread, the row read twice) ran at a
+// quarter of memory speed; a register cache with guarded scalar loads was slower still
+// (the guards kept the loads apart). Other widths take the scalar loops. The f64 sums run
+// in another order than the scalar loop's (both differ from the CPU's sequential order).
+#define NORM_VEC 4
+
+// 1/rms of the row held in `xv` (4·NORM_VEC elements per thread).
+__device__ __forceinline__ float rms_inv_vec(const float* xv, long long h, float eps, double* sh) {
+    double s = 0.0;
+#pragma unroll
+    for (int k = 0; k < 4 * NORM_VEC; ++k) {
+        double v = (double)xv[k];
+        s += v * v;
+    }
+    s = block_sum(s, sh);
+    float ms = (float)(s / (double)h);
+    return 1.0f / sqrtf(ms + eps);
+}
+
 __global__ void SFX(rms_norm)(const S* x, const S* w, S* o, long long rows, long long h, float eps,
                               float offset) {
     __shared__ double sh[NORM_THREADS];
+    if (h == 4 * NORM_VEC * (long long)blockDim.x) {
+        ROWS(r, rows) {
+            const S* xr = x + r * h;
+            float xv[4 * NORM_VEC];
+#pragma unroll
+            for (int k = 0; k < NORM_VEC; ++k) ld4(xr + 4 * (threadIdx.x + k * blockDim.x), xv + 4 * k);
+            float inv = rms_inv_vec(xv, h, eps, sh);
+#pragma unroll
+            for (int k = 0; k < NORM_VEC; ++k) {
+                long long j = 4 * (threadIdx.x + k * blockDim.x);
+                float wv[4], y[4];
+                ld4(w + j, wv);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) y[q] = xv[4 * k + q] * inv * (offset + wv[q]);
+                st4(o + r * h + j, y);
+            }
+        }
+        return;
+    }
     ROWS(r, rows) {
         const S* xr = x + r * h;
         float inv = SFX(rms_inv)(xr, h, eps, sh);
@@ -440,6 +542,40 @@ __global__ void SFX(layer_norm)(const S* x, const S* w, const S* b, int has_b, S
 __global__ void SFX(rms_norm_backward)(const S* x, const S* w, const S* g, S* o, long long rows, long long h,
                                        float eps, float offset) {
     __shared__ double sh[NORM_THREADS];
+    if (h == 4 * NORM_VEC * (long long)blockDim.x) {
+        ROWS(r, rows) {
+            const S* xr = x + r * h;
+            const S* gr = g + r * h;
+            // x, g and offset + w of the thread's chunks, loaded once (see NORM_VEC).
+            float xv[4 * NORM_VEC], gv[4 * NORM_VEC], wv[4 * NORM_VEC];
+#pragma unroll
+            for (int k = 0; k < NORM_VEC; ++k) {
+                long long j = 4 * (threadIdx.x + k * blockDim.x);
+                ld4(xr + j, xv + 4 * k);
+                ld4(gr + j, gv + 4 * k);
+                ld4(w + j, wv + 4 * k);
+            }
+#pragma unroll
+            for (int k = 0; k < 4 * NORM_VEC; ++k) wv[k] = offset + wv[k];
+            double inv = (double)rms_inv_vec(xv, h, eps, sh);
+            double dot = 0.0;
+#pragma unroll
+            for (int k = 0; k < 4 * NORM_VEC; ++k) dot += (double)xv[k] * (double)gv[k] * (double)wv[k];
+            dot = block_sum(dot, sh);
+            double c = inv * inv * inv * dot / (double)h;
+#pragma unroll
+            for (int k = 0; k < NORM_VEC; ++k) {
+                float y[4];
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    int e = 4 * k + q;
+                    y[q] = (float)(inv * (double)wv[e] * (double)gv[e] - c * (double)xv[e]);
+                }
+                st4(o + r * h + 4 * (threadIdx.x + k * blockDim.x), y);
+            }
+        }
+        return;
+    }
     ROWS(r, rows) {
         const S* xr = x + r * h;
         const S* gr = g + r * h;
@@ -519,35 +655,64 @@ __global__ void SFX(layer_norm_backward)(const S* x, const S* w, const S* g, S* 
         }
     }
 }
-// builds them; `sign` = −1 turns by −θ (the backward).
-// One thread per (position, head, feature), rotating with the (cos, sin) of rope_table.
+// Rotary embedding, one block per position: the block first builds the position's (cos, sin)
+// of the angles `inv_freq[j]·pos` (f32, as transformers builds them) in shared memory, once
+// per pair instead of once per element and head (accurate sinf/cosf of angles in the
+// thousands of radians are slow), then rotates every (head, pair) of the position. The
+// inverse frequencies come by value (no upload, no scratch); indices are 32-bit within a
+// position; each thread loads ROPE_UNROLL pairs before storing any, so that enough loads are
+// in flight to keep the memory busy. `__grid_constant__` lets threads index the frequencies
+// in parameter space: without it each thread copied the whole 1 kB array to local memory.
 // `sign` = −1 turns by −θ (the backward).
-__global__ void SFX(rope)(const S* x, const float2* cs, S* o, long long t, long long heads,
-                          long long hd, long long half, int interleaved, float sign) {
-    LOOP(i, t * heads * hd) {
-        long long e = i % hd;
-        long long row = i / hd;
-        long long p = row / heads;
-        if (e >= 2 * half) {
-            o[i] = x[i];
-            continue;
+#define ROPE_MAX_HALF 256
+#define ROPE_UNROLL 4
+struct InvFreq {
+    float f[ROPE_MAX_HALF];
+};
+__global__ void SFX(rope)(const S* x, const int* pos, const __grid_constant__ InvFreq fr, S* o, long long t, int heads, int hd, int half,
+                          int interleaved, float sign) {
+    __shared__ float2 cs[ROPE_MAX_HALF];
+    const int pairs = heads * half, rest = hd - 2 * half;
+    for (long long p = blockIdx.x; p < t; p += gridDim.x) {
+        float fp = (float)pos[p];
+        for (int j = threadIdx.x; j < half; j += blockDim.x) {
+            float a = fr.f[j] * fp;
+            cs[j] = make_float2(cosf(a), sinf(a));
         }
-        const S* xr = x + row * hd;
-        long long pair = interleaved ? e / 2 : (e < half ? e : e - half);
-        float2 w = cs[p * half + pair];
-        float c = w.x, s = sign * w.y;
-        float u, v;
-        bool first;
-        if (interleaved) {
-            u = ld(xr[2 * pair]);
-            v = ld(xr[2 * pair + 1]);
-            first = (e % 2) == 0;
-        } else {
-            u = ld(xr[pair]);
-            v = ld(xr[pair + half]);
-            first = e < half;
+        __syncthreads();
+        const S* xp = x + p * (long long)heads * hd;
+        S* op = o + p * (long long)heads * hd;
+        for (int k0 = threadIdx.x; k0 < pairs; k0 += ROPE_UNROLL * blockDim.x) {
+            float u[ROPE_UNROLL], v[ROPE_UNROLL];
+            int iu[ROPE_UNROLL], iv[ROPE_UNROLL], jj[ROPE_UNROLL];
+#pragma unroll
+            for (int q = 0; q < ROPE_UNROLL; ++q) {
+                int k = k0 + q * blockDim.x;
+                int hh = k / half, j = k - hh * half;
+                jj[q] = j;
+                iu[q] = hh * hd + (interleaved ? 2 * j : j);
+                iv[q] = iu[q] + (interleaved ? 1 : half);
+                if (k < pairs) {
+                    u[q] = ld(xp[iu[q]]);
+                    v[q] = ld(xp[iv[q]]);
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < ROPE_UNROLL; ++q) {
+                if (k0 + q * (int)blockDim.x < pairs) {
+                    float2 w = cs[jj[q]];
+                    float c = w.x, s = sign * w.y;
+                    op[iu[q]] = st(u[q] * c - v[q] * s);
+                    op[iv[q]] = st(v[q] * c + u[q] * s);
+                }
+            }
         }
-        o[i] = st(first ? u * c - v * s : v * c + u * s);
+        // Features past the rotary dimension pass through.
+        for (int k = threadIdx.x; k < heads * rest; k += blockDim.x) {
+            int hh = k / rest, e = hh * hd + 2 * half + (k - hh * rest);
+            op[e] = xp[e];
+        }
+        __syncthreads();
     }
 }
 
@@ -688,15 +853,31 @@ __global__ void SFX(attention_dkv)(const S* q, const S* k, const S* v, const S* 
 // wide): a block-wide max, then Σ exp(z − m) with float exponentials summed in f64 per
 // thread and across the block, as the CPU sums `exp` terms in f64. The logits are read in
 // their storage type and never widened to an f32 copy. Reading the row twice costs nothing
-// extra: 256 kB of bf16 stays in L2 between the passes.
+// extra: 256 kB of bf16 stays in L2 between the passes. Rows of a multiple of 4 elements are
+// read 4 at a time (8-/16-byte loads; the f64 sum then runs in another order than the scalar
+// loop's, both unlike the CPU's sequential one), and the loops are unrolled so that several
+// loads are in flight per thread. Thread 0 also
+// writes the row's loss term lse − z[y] (0 for an ignored row), so that the loss sum reads
+// one contiguous array instead of one scattered logit per row.
 #define LSE_THREADS 512
-__global__ void SFX(row_lse)(const S* z, double* lse, long long rows, long long v) {
+__global__ void SFX(row_lse)(const S* z, const int* y, double* lse, double* term, long long rows, long long v) {
     __shared__ float smax[LSE_THREADS];
     __shared__ double ssum[LSE_THREADS];
     for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
         const S* zr = z + r * v;
+        const bool vec = v % 4 == 0;
         float m = NEG_INF;
-        for (long long j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(zr[j]));
+        if (vec) {
+#pragma unroll 4
+            for (long long j = 4 * threadIdx.x; j < v; j += 4 * blockDim.x) {
+                float f[4];
+                ld4(zr + j, f);
+                m = fmaxf(m, fmaxf(fmaxf(f[0], f[1]), fmaxf(f[2], f[3])));
+            }
+        } else {
+#pragma unroll 8
+            for (long long j = threadIdx.x; j < v; j += blockDim.x) m = fmaxf(m, ld(zr[j]));
+        }
         smax[threadIdx.x] = m;
         __syncthreads();
         for (int w = blockDim.x / 2; w > 0; w >>= 1) {
@@ -705,44 +886,86 @@ __global__ void SFX(row_lse)(const S* z, double* lse, long long rows, long long 
         }
         m = smax[0];
         double s = 0.0;
-        for (long long j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(ld(zr[j]) - m);
+        if (vec) {
+#pragma unroll 4
+            for (long long j = 4 * threadIdx.x; j < v; j += 4 * blockDim.x) {
+                float f[4];
+                ld4(zr + j, f);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) s += (double)expf(f[q] - m);
+            }
+        } else {
+#pragma unroll 8
+            for (long long j = threadIdx.x; j < v; j += blockDim.x) s += (double)expf(ld(zr[j]) - m);
+        }
         ssum[threadIdx.x] = s;
         __syncthreads();
         for (int w = blockDim.x / 2; w > 0; w >>= 1) {
             if (threadIdx.x < w) ssum[threadIdx.x] += ssum[threadIdx.x + w];
             __syncthreads();
         }
-        if (threadIdx.x == 0) lse[r] = (double)m + log(ssum[0]);
+        if (threadIdx.x == 0) {
+            double l = (double)m + log(ssum[0]);
+            lse[r] = l;
+            int yr = y[r];
+            term[r] = yr == -100 ? 0.0 : l - (double)ld(zr[yr]);
+        }
         __syncthreads();
     }
 }
 
-// Σ over valid rows of lse − z[y], in row order by one thread, divided by `count`.
-__global__ void SFX(cross_entropy)(const S* z, const int* y, const double* lse, float* o, long long rows,
-                                   long long v, long long count) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) {
-        double total = 0.0;
-        for (long long r = 0; r < rows; ++r) {
-            if (y[r] == -100) continue;
-            total += lse[r] - (double)ld(z[r * v + y[r]]);
-        }
-        o[0] = (float)(total / (double)count);
+// Σ over rows of row_lse's terms, in row order by one thread (as the CPU), divided by
+// `count`. The block stages CE_CHUNK terms at a time in shared memory with coalesced loads;
+// thread 0 then adds from there (an ignored row's term is +0, which adds nothing).
+#define CE_CHUNK 2048
+__global__ void SFX(cross_entropy)(const double* term, float* o, long long rows, long long count) {
+    __shared__ double sh[CE_CHUNK];
+    double total = 0.0;
+    for (long long r0 = 0; r0 < rows; r0 += CE_CHUNK) {
+        long long m = rows - r0 < CE_CHUNK ? rows - r0 : CE_CHUNK;
+        for (long long k = threadIdx.x; k < m; k += blockDim.x) sh[k] = term[r0 + k];
+        __syncthreads();
+        if (threadIdx.x == 0)
+            for (long long k = 0; k < m; ++k) total += sh[k];
+        __syncthreads();
     }
+    if (threadIdx.x == 0) o[0] = (float)(total / (double)count);
 }
 
-// `g·(softmax − onehot)/count`, written straight into the logits' storage type.
+// `g·(softmax − onehot)/count`, written straight into the logits' storage type; one block
+// per row (no 64-bit division per element), 4 elements per load and store where the row
+// length allows (the arithmetic per element is the same either way).
 __global__ void SFX(cross_entropy_backward)(const S* z, const int* y, const double* lse, const float* g, S* o,
                                             long long rows, long long v, long long count) {
     double sd = (double)g[0] / (double)count;
     float s = (float)sd;
-    LOOP(i, rows * v) {
-        long long r = i / v, c = i % v;
+    for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+        const S* zr = z + r * v;
+        S* orow = o + r * v;
         int l = y[r];
         if (l == -100) {
-            o[i] = st(0.0f);
-        } else {
-            float p = (float)(exp((double)ld(z[i]) - lse[r]) * sd);
-            o[i] = st(c == l ? p - s : p);
+            for (long long c = threadIdx.x; c < v; c += blockDim.x) orow[c] = st(0.0f);
+            continue;
+        }
+        double lr = lse[r];
+        if (v % 4 == 0) {
+#pragma unroll 2
+            for (long long c = 4 * threadIdx.x; c < v; c += 4 * blockDim.x) {
+                float zv[4], p[4];
+                ld4(zr + c, zv);
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    float pq = (float)(exp((double)zv[q] - lr) * sd);
+                    p[q] = c + q == l ? pq - s : pq;
+                }
+                st4(orow + c, p);
+            }
+            continue;
+        }
+#pragma unroll 4
+        for (long long c = threadIdx.x; c < v; c += blockDim.x) {
+            float p = (float)(exp((double)ld(zr[c]) - lr) * sd);
+            orow[c] = st(c == l ? p - s : p);
         }
     }
 }
