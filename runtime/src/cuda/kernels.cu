@@ -237,16 +237,6 @@ __global__ void round_storage(float* x, long long n, int mode) {
 
 __global__ void fill_i32(int* o, long long n, int v) { LOOP(i, n) o[i] = v; }
 
-// (cos, sin) of the angles `inv_freq[j]·pos[p]` (f32, as transformers builds them). No longer
-// launched: the rope kernel builds each position's table in shared memory. Kept while mod.rs's
-// F32_KERNEL_NAMES still loads it (h-kern must not edit mod.rs; drop both together).
-__global__ void rope_table(const int* pos, const float* inv_freq, float2* cs, long long t, long long half) {
-    LOOP(i, t * half) {
-        float a = inv_freq[i % half] * (float)pos[i / half];
-        cs[i] = make_float2(cosf(a), sinf(a));
-    }
-}
-
 // Integer arithmetic wraps (done in unsigned), division truncates; zero divisors are refused
 // on the host first.
 __global__ void binary_i32(const int* a, const int* b, int* o, long long n, Strided s, int op) {

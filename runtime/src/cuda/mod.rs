@@ -81,7 +81,6 @@ const F32_KERNEL_NAMES: &[&str] = &[
     "round_storage",
     "fill_i32",
     "binary_i32",
-    "rope_table",
     "bias_inplace_f32",
 ];
 
