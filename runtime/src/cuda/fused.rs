@@ -23,8 +23,10 @@ use std::fmt::Write;
 use std::sync::Mutex;
 
 const KERNELS: &str = include_str!("kernels.cu");
-/// Elements per thread in the vector loop.
-const VEC: usize = 4;
+/// Elements per thread in the vector loop: one 16-byte load per bf16 operand (two per f32).
+const VEC: usize = 8;
+/// Columns per thread of the product kernel's tile (`outer_tile`: 4).
+const TILE_VEC: usize = 4;
 const THREADS: u32 = 256;
 const MAX_BLOCKS: usize = 1 << 16;
 
@@ -429,18 +431,30 @@ fn vector_loads(s: &mut String, inputs: &[Option<Operand>], pad: &str) {
                 }
             }
             (None, Float::F32) => {
-                let _ = writeln!(
-                    s,
-                    "{pad}{{ float4 w = ((const float4*)in{k})[v]; a{k}[0] = w.x; a{k}[1] = w.y; a{k}[2] = w.z; a{k}[3] = w.w; }}"
-                );
+                for h in 0..VEC / 4 {
+                    let _ = writeln!(
+                        s,
+                        "{pad}{{ float4 w = ((const float4*)in{k})[{} * v + {h}]; a{k}[{}] = w.x; a{k}[{}] = w.y; a{k}[{}] = w.z; a{k}[{}] = w.w; }}",
+                        VEC / 4,
+                        4 * h,
+                        4 * h + 1,
+                        4 * h + 2,
+                        4 * h + 3
+                    );
+                }
             }
             (None, Float::BF16) => {
-                let _ = writeln!(
-                    s,
-                    "{pad}{{ uint2 w = ((const uint2*)in{k})[v]; \
-                     a{k}[0] = __uint_as_float(w.x << 16); a{k}[1] = __uint_as_float(w.x & 0xffff0000u); \
-                     a{k}[2] = __uint_as_float(w.y << 16); a{k}[3] = __uint_as_float(w.y & 0xffff0000u); }}"
-                );
+                // VEC = 8: one uint4, two bf16 a word.
+                let _ = write!(s, "{pad}{{ uint4 w = ((const uint4*)in{k})[v]; ");
+                for (q, word) in ["x", "y", "z", "w"].iter().enumerate() {
+                    let _ = write!(
+                        s,
+                        "a{k}[{}] = __uint_as_float(w.{word} << 16); a{k}[{}] = __uint_as_float(w.{word} & 0xffff0000u); ",
+                        2 * q,
+                        2 * q + 1
+                    );
+                }
+                let _ = writeln!(s, "}}");
             }
         }
     }
@@ -472,14 +486,41 @@ fn scalar_args(inputs: &[Option<Operand>], i: &str) -> Vec<String> {
         .collect()
 }
 
-/// The store of `r[0..VEC]` as vector `v` of the output.
-fn vector_store(out: Float) -> &'static str {
-    match out {
-        Float::F32 => "((float4*)out)[v] = make_float4(r[0], r[1], r[2], r[3]);",
-        Float::BF16 => {
-            "uint2 w; w.x = (unsigned int)st_bf16(r[0]) | ((unsigned int)st_bf16(r[1]) << 16); \
-             w.y = (unsigned int)st_bf16(r[2]) | ((unsigned int)st_bf16(r[3]) << 16); ((uint2*)out)[v] = w;"
-        }
+/// The store of `r[0..width]` as vector `v` (of `width` elements) of the output; `width` 4
+/// or 8.
+fn vector_store(out: Float, width: usize) -> String {
+    let pair = |a: usize| {
+        format!(
+            "(unsigned int)st_bf16(r[{a}]) | ((unsigned int)st_bf16(r[{}]) << 16)",
+            a + 1
+        )
+    };
+    match (out, width) {
+        (Float::F32, _) => (0..width / 4)
+            .map(|h| {
+                format!(
+                    "((float4*)out)[{} * v + {h}] = make_float4(r[{}], r[{}], r[{}], r[{}]);",
+                    width / 4,
+                    4 * h,
+                    4 * h + 1,
+                    4 * h + 2,
+                    4 * h + 3
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        (Float::BF16, 4) => format!(
+            "uint2 w; w.x = {}; w.y = {}; ((uint2*)out)[v] = w;",
+            pair(0),
+            pair(2)
+        ),
+        (Float::BF16, _) => format!(
+            "uint4 w; w.x = {}; w.y = {}; w.z = {}; w.w = {}; ((uint4*)out)[v] = w;",
+            pair(0),
+            pair(2),
+            pair(4),
+            pair(6)
+        ),
     }
 }
 
@@ -527,7 +568,7 @@ fn kernel_body(
         "        #pragma unroll\n        for (int j = 0; j < {VEC}; ++j) r[j] = KNAME_eval({});",
         vector_args(inputs, "j").join(", ")
     );
-    let _ = writeln!(s, "        {}", vector_store(out));
+    let _ = writeln!(s, "        {}", vector_store(out, VEC));
     let _ = writeln!(s, "    }}");
     // Tail: the last n % VEC elements, one per thread.
     let _ = writeln!(
@@ -582,7 +623,7 @@ fn product_kernel_body(
     const i64 i0r = (i64)blockIdx.y * OK_BM, j0 = (i64)blockIdx.x * OK_BN;
     const i64 n = s.n;
     const i64 j = j0 + tx * 4;
-    const bool vec = n % {VEC} == 0 && j + {VEC} <= n;"
+    const bool vec = n % {TILE_VEC} == 0 && j + {TILE_VEC} <= n;"
     );
     // The same-shape operands of the vector epilogue are loaded before the product, so
     // their latency hides behind its arithmetic (a block's tile is a few µs of work).
@@ -604,7 +645,7 @@ fn product_kernel_body(
             s,
             "    #pragma unroll\n    for (int u = 0; u < 8; ++u) {{\n        \
              const i64 i = i0r + (u < 4 ? ty * 4 + u : 32 + ty * 4 + (u - 4));\n        \
-             pw{k}[u] = vec && i < s.m ? ((const {ty}*)in{k})[(i * n + j) / {VEC}] : {zero};\n    }}"
+             pw{k}[u] = vec && i < s.m ? ((const {ty}*)in{k})[(i * n + j) / {TILE_VEC}] : {zero};\n    }}"
         );
     }
     let _ = writeln!(
@@ -617,15 +658,15 @@ fn product_kernel_body(
         if (i >= s.m) continue;
         if (vec) {{
             const long long i0 = i * n + j;
-            const long long v = i0 / {VEC};"
+            const long long v = i0 / {TILE_VEC};"
     );
     for (k, input) in inputs.iter().enumerate() {
         let Some((f, axes)) = input else { continue };
         let pad = "            ";
-        let _ = writeln!(s, "{pad}float a{k}[{VEC}];");
+        let _ = writeln!(s, "{pad}float a{k}[{TILE_VEC}];");
         match (axes, f) {
             (Some(_), _) => {
-                for q in 0..VEC {
+                for q in 0..TILE_VEC {
                     let e = load(*f, &format!("in{k}[KNAME_off{k}(i0 + {q})]"));
                     let _ = writeln!(s, "{pad}a{k}[{q}] = {e};");
                 }
@@ -646,18 +687,18 @@ fn product_kernel_body(
             }
         }
     }
-    let _ = writeln!(s, "            float r[{VEC}];");
+    let _ = writeln!(s, "            float r[{TILE_VEC}];");
     let _ = writeln!(
         s,
-        "            #pragma unroll\n            for (int jj = 0; jj < {VEC}; ++jj) r[jj] = KNAME_eval({});",
+        "            #pragma unroll\n            for (int jj = 0; jj < {TILE_VEC}; ++jj) r[jj] = KNAME_eval({});",
         with(vector_args(inputs, "jj"), "acc[u][jj]")
     );
-    let _ = writeln!(s, "            {}", vector_store(out));
+    let _ = writeln!(s, "            {}", vector_store(out, TILE_VEC));
     let _ = writeln!(
         s,
         "        }} else {{
             #pragma unroll
-            for (int jj = 0; jj < {VEC}; ++jj) {{
+            for (int jj = 0; jj < {TILE_VEC}; ++jj) {{
                 // No `break`: a loop left early is not unrolled, and `acc` indexed by a
                 // run-time value would move to local memory.
                 if (j + jj < n) {{
@@ -717,6 +758,9 @@ mod tests {
     #[test]
     fn generated_source_has_the_chain_and_exact_constants() {
         let body = lora_body();
+        if std::env::var_os("QPLC_SHOW_SOURCE").is_some() {
+            eprintln!("{body}");
+        }
         assert!(body.contains("float s0 = round_bf16(x0);"), "{body}");
         assert!(body.contains("binary_fn(0, x1, s0)"), "{body}");
         // 0.5 as its bit pattern, not a decimal that could round differently.
