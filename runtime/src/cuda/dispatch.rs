@@ -324,14 +324,7 @@ pub(crate) fn execute(
                 start * inner * es,
                 (end - start) * inner * es,
             );
-            let wb = copy_word(es, &[pitch, off, width]);
-            let (r_, w_, p_, o_, wb_) = (
-                outer as i64,
-                (width / wb) as i64,
-                (pitch / wb) as i64,
-                (off / wb) as i64,
-                wb as i32,
-            );
+            let (wb, (r_, w_, p_, o_, wb_)) = row_copy(outer, pitch, off, width, es);
             launch!(be, "slice" @ w, outer * (width / wb);
                 operands[0].data(), out.data_mut(), &r_, &w_, &p_, &o_, &wb_)?;
         }
@@ -350,14 +343,7 @@ pub(crate) fn execute(
                     offset * inner * es,
                     x.ty.shape.dims()[*axis] * inner * es,
                 );
-                let wb = copy_word(es, &[pitch, off, width]);
-                let (r_, w_, p_, o_, wb_) = (
-                    outer as i64,
-                    (width / wb) as i64,
-                    (pitch / wb) as i64,
-                    (off / wb) as i64,
-                    wb as i32,
-                );
+                let (wb, (r_, w_, p_, o_, wb_)) = row_copy(outer, pitch, off, width, es);
                 launch!(be, "place" @ w, outer * (width / wb);
                     x.data(), out.data_mut(), &r_, &w_, &p_, &o_, &wb_)?;
                 offset += x.ty.shape.dims()[*axis];
@@ -944,6 +930,27 @@ fn word_bytes(w: Float) -> usize {
         Float::F32 => 4,
         Float::BF16 => 2,
     }
+}
+
+/// The copy word (bytes) of `outer` rows of `width` bytes at byte `off` of rows `pitch` apart
+/// (`copy_word`), and the `slice` / `place` kernels' arguments in those words: rows, width,
+/// pitch, offset, word bytes.
+fn row_copy(
+    outer: usize,
+    pitch: usize,
+    off: usize,
+    width: usize,
+    es: usize,
+) -> (usize, (i64, i64, i64, i64, i32)) {
+    let wb = copy_word(es, &[pitch, off, width]);
+    let args = (
+        outer as i64,
+        (width / wb) as i64,
+        (pitch / wb) as i64,
+        (off / wb) as i64,
+        wb as i32,
+    );
+    (wb, args)
 }
 
 /// The widest word (16, 8 or 4 bytes, else the storage word of `es` bytes) that divides every

@@ -98,19 +98,36 @@ pub(crate) fn execute(
         block_dim: (THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = be.stream.launch_builder(&func);
-    for t in operands {
-        b.arg(t.data());
-    }
-    b.arg(out.data_mut());
-    b.arg(&nn);
     // SAFETY: the generated signature is one pointer per operand in operand order (typed by
     // each operand's storage, as passed), the output pointer, and `long long n`; every
     // same-shape operand holds n elements and every broadcast one the elements its strides
     // reach (its own shape, checked by `fused_types`).
+    unsafe { launch_generated(be, &func, operands, out, &nn, cfg) }
+}
+
+/// Launches a generated kernel with one pointer per operand in order, the output, and `last`.
+///
+/// # Safety
+/// The kernel's signature must be exactly that, and the buffers must hold what it reads and
+/// writes.
+unsafe fn launch_generated<T: cudarc::driver::DeviceRepr>(
+    be: &CudaBackend,
+    func: &CudaFunction,
+    operands: &[&CudaTensor],
+    out: &mut CudaTensor,
+    last: &T,
+    cfg: LaunchConfig,
+) -> Result<(), KernelError> {
+    let mut b = be.stream.launch_builder(func);
+    for t in operands {
+        b.arg(t.data());
+    }
+    b.arg(out.data_mut());
+    b.arg(last);
+    // SAFETY: the caller's promise.
     unsafe { b.launch(cfg) }
         .map(|_| ())
-        .map_err(|e| super::cuda_err("fused", "kernel launch", e))
+        .map_err(|e| super::cuda_err("fused", "generated kernel launch", e))
 }
 
 /// How each operand is read: `None` for one only a product step reads (whole).
@@ -197,19 +214,11 @@ fn execute_with_product(
     let kname = format!("fp_{:016x}", nvrtc_cache::fnv1a(&[&body]));
     let func = be.fused.get(be, &kname, &body)?;
     let (args, cfg) = super::skinny::outer_launch(name, &p)?;
-    let mut b = be.stream.launch_builder(&func);
-    for t in operands {
-        b.arg(t.data());
-    }
-    b.arg(out.data_mut());
-    b.arg(&args);
     // SAFETY: the generated signature is one pointer per operand in operand order (typed by
     // each operand's storage), the output pointer and `SkinnyArgs`; the product's operands
     // are f32 and laid out as `p` (from their shapes, checked by `fused_types`) says, the
     // output holds p.m·p.n elements, and the other operands what their strides reach.
-    unsafe { b.launch(cfg) }
-        .map(|_| ())
-        .map_err(|e| super::cuda_err("fused", "product kernel launch", e))
+    unsafe { launch_generated(be, &func, operands, out, &args, cfg) }
 }
 
 impl FusedKernels {
