@@ -372,21 +372,6 @@ fn deterministic(gpu: &CudaBackend, rng: &mut Pcg32) -> Result<CheckRow, KernelE
     ))
 }
 
-fn product(ta: bool, tb: bool, m: usize, k: usize, n: usize) -> Product {
-    Product {
-        ta,
-        tb,
-        m,
-        k,
-        n,
-        lda: if ta { m } else { k },
-        ldb: if tb { k } else { n },
-        batch: 1,
-        stride_a: m * k,
-        stride_b: k * n,
-    }
-}
-
 /// Elements of the fill that keeps the GPU busy (8 GB, about 2 ms) while the host queues
 /// the timed runs.
 const BUSY: usize = 1 << 31;
@@ -580,24 +565,45 @@ fn lora_8b_products(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
     let big = rand(rng, &[t * f]);
     let small = rand(rng, &[f * r]);
     let shapes: Vec<(&str, Product)> = vec![
-        ("x·Aᵀ [4096,4096]·[16,4096]ᵀ", product(false, true, t, h, r)),
+        (
+            "x·Aᵀ [4096,4096]·[16,4096]ᵀ",
+            Product::dense(false, true, t, h, r),
+        ),
         (
             "x·Aᵀ [4096,14336]·[16,14336]ᵀ",
-            product(false, true, t, f, r),
+            Product::dense(false, true, t, f, r),
         ),
-        ("g·B [4096,4096]·[4096,16]", product(false, false, t, h, r)),
+        (
+            "g·B [4096,4096]·[4096,16]",
+            Product::dense(false, false, t, h, r),
+        ),
         (
             "g·B [4096,14336]·[14336,16]",
-            product(false, false, t, f, r),
+            Product::dense(false, false, t, f, r),
         ),
-        ("A grad hᵀ·x → [16,4096]", product(true, false, r, t, h)),
-        ("A grad hᵀ·x → [16,14336]", product(true, false, r, t, f)),
-        ("B grad gᵀ·h → [1024,16]", product(true, false, kv, t, r)),
-        ("B grad gᵀ·h → [4096,16]", product(true, false, h, t, r)),
-        ("B grad gᵀ·h → [14336,16]", product(true, false, f, t, r)),
-        ("h·Bᵀ → [4096,4096]", product(false, true, t, r, h)),
-        ("h·Bᵀ → [4096,14336]", product(false, true, t, r, f)),
-        ("dh·A → [4096,4096]", product(false, false, t, r, h)),
+        (
+            "A grad hᵀ·x → [16,4096]",
+            Product::dense(true, false, r, t, h),
+        ),
+        (
+            "A grad hᵀ·x → [16,14336]",
+            Product::dense(true, false, r, t, f),
+        ),
+        (
+            "B grad gᵀ·h → [1024,16]",
+            Product::dense(true, false, kv, t, r),
+        ),
+        (
+            "B grad gᵀ·h → [4096,16]",
+            Product::dense(true, false, h, t, r),
+        ),
+        (
+            "B grad gᵀ·h → [14336,16]",
+            Product::dense(true, false, f, t, r),
+        ),
+        ("h·Bᵀ → [4096,4096]", Product::dense(false, true, t, r, h)),
+        ("h·Bᵀ → [4096,14336]", Product::dense(false, true, t, r, f)),
+        ("dh·A → [4096,4096]", Product::dense(false, false, t, r, h)),
     ];
     let rows = shapes
         .into_iter()

@@ -35,6 +35,25 @@ pub(crate) struct Product {
     pub stride_b: usize,
 }
 
+impl Product {
+    /// One unbatched product of densely stored operands (`a` as [m, k], or [k, m] with `ta`;
+    /// `b` as [k, n], or [n, k] with `tb`).
+    pub(crate) fn dense(ta: bool, tb: bool, m: usize, k: usize, n: usize) -> Product {
+        Product {
+            ta,
+            tb,
+            m,
+            k,
+            n,
+            lda: if ta { m } else { k },
+            ldb: if tb { k } else { n },
+            batch: 1,
+            stride_a: m * k,
+            stride_b: k * n,
+        }
+    }
+}
+
 /// Element type of an operand or result.
 #[derive(Clone, Copy)]
 pub(crate) enum Elem {

@@ -419,56 +419,41 @@ fn grid_x(name: &'static str, blocks: usize) -> Result<u32, KernelError> {
 mod tests {
     use super::*;
 
-    fn product(ta: bool, tb: bool, m: usize, k: usize, n: usize) -> Product {
-        Product {
-            ta,
-            tb,
-            m,
-            k,
-            n,
-            lda: if ta { m } else { k },
-            ldb: if tb { k } else { n },
-            batch: 1,
-            stride_a: m * k,
-            stride_b: k * n,
-        }
-    }
-
     #[test]
     fn lora_products_take_the_kernel_of_their_small_side() {
         // x·Aᵀ, g·B, gᵀ·h: n is the rank.
         assert_eq!(
-            route(&product(false, true, 4096, 4096, 16)),
+            route(&Product::dense(false, true, 4096, 4096, 16)),
             Some(Route::SmallN)
         );
         assert_eq!(
-            route(&product(false, false, 4096, 14336, 16)),
+            route(&Product::dense(false, false, 4096, 14336, 16)),
             Some(Route::SmallN)
         );
         assert_eq!(
-            route(&product(true, false, 1024, 4096, 16)),
+            route(&Product::dense(true, false, 1024, 4096, 16)),
             Some(Route::SmallN)
         );
         // hᵀ·x: m is the rank.
         assert_eq!(
-            route(&product(true, false, 16, 4096, 4096)),
+            route(&Product::dense(true, false, 16, 4096, 4096)),
             Some(Route::SmallM)
         );
         // h·Bᵀ and dh·A: k is the rank.
         assert_eq!(
-            route(&product(false, true, 4096, 16, 14336)),
+            route(&Product::dense(false, true, 4096, 16, 14336)),
             Some(Route::Outer)
         );
         assert_eq!(
-            route(&product(false, false, 4096, 16, 4096)),
+            route(&Product::dense(false, false, 4096, 16, 4096)),
             Some(Route::Outer)
         );
     }
 
     #[test]
     fn square_products_stay_on_cublas() {
-        assert_eq!(route(&product(false, true, 4096, 4096, 4096)), None);
-        assert_eq!(route(&product(false, false, 65, 65, 65)), None);
+        assert_eq!(route(&Product::dense(false, true, 4096, 4096, 4096)), None);
+        assert_eq!(route(&Product::dense(false, false, 65, 65, 65)), None);
     }
 
     #[test]
