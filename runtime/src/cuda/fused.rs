@@ -427,24 +427,36 @@ fn signature(inputs: &[Option<Operand>], storages: &[Float], out: Float) -> Vec<
     sig
 }
 
-/// Loads of `a{k}[0..VEC]` for the elements `i0 + 0..VEC` (vector `v` of same-shape operands).
-fn vector_loads(s: &mut String, inputs: &[Option<Operand>], pad: &str) {
+/// Where a vector epilogue finds a same-shape operand's `width` elements.
+#[derive(Clone, Copy)]
+enum Same {
+    /// Vector `v` of the operand (of `width` elements).
+    Load,
+    /// `pw{k}[u]`, loaded ahead (the product kernel).
+    Prefetched,
+}
+
+/// Loads of `a{k}[0..width]` for the elements `i0 + 0..width` (`width` 4 or 8).
+fn vector_loads(s: &mut String, inputs: &[Option<Operand>], pad: &str, width: usize, same: Same) {
     for (k, input) in inputs.iter().enumerate() {
         let Some((f, axes)) = input else { continue };
-        let _ = writeln!(s, "{pad}float a{k}[{VEC}];");
-        match (axes, f) {
-            (Some(_), _) => {
-                for j in 0..VEC {
+        let _ = writeln!(s, "{pad}float a{k}[{width}];");
+        match (axes, f, same) {
+            (Some(_), ..) => {
+                for j in 0..width {
                     let e = load(*f, &format!("in{k}[KNAME_off{k}(i0 + {j})]"));
                     let _ = writeln!(s, "{pad}a{k}[{j}] = {e};");
                 }
             }
-            (None, Float::F32) => {
-                for h in 0..VEC / 4 {
+            (None, Float::F32, _) => {
+                for h in 0..width / 4 {
+                    let src = match same {
+                        Same::Load => format!("((const float4*)in{k})[{} * v + {h}]", width / 4),
+                        Same::Prefetched => format!("pw{k}[u]"),
+                    };
                     let _ = writeln!(
                         s,
-                        "{pad}{{ float4 w = ((const float4*)in{k})[{} * v + {h}]; a{k}[{}] = w.x; a{k}[{}] = w.y; a{k}[{}] = w.z; a{k}[{}] = w.w; }}",
-                        VEC / 4,
+                        "{pad}{{ float4 w = {src}; a{k}[{}] = w.x; a{k}[{}] = w.y; a{k}[{}] = w.z; a{k}[{}] = w.w; }}",
                         4 * h,
                         4 * h + 1,
                         4 * h + 2,
@@ -452,10 +464,15 @@ fn vector_loads(s: &mut String, inputs: &[Option<Operand>], pad: &str) {
                     );
                 }
             }
-            (None, Float::BF16) => {
-                // VEC = 8: one uint4, two bf16 a word.
-                let _ = write!(s, "{pad}{{ uint4 w = ((const uint4*)in{k})[v]; ");
-                for (q, word) in ["x", "y", "z", "w"].iter().enumerate() {
+            (None, Float::BF16, _) => {
+                // Two bf16 a 32-bit word.
+                let ty = if width == 8 { "uint4" } else { "uint2" };
+                let src = match same {
+                    Same::Load => format!("((const {ty}*)in{k})[v]"),
+                    Same::Prefetched => format!("pw{k}[u]"),
+                };
+                let _ = write!(s, "{pad}{{ {ty} w = {src}; ");
+                for (q, word) in ["x", "y", "z", "w"].iter().take(width / 2).enumerate() {
                     let _ = write!(
                         s,
                         "a{k}[{}] = __uint_as_float(w.{word} << 16); a{k}[{}] = __uint_as_float(w.{word} & 0xffff0000u); ",
@@ -570,7 +587,7 @@ fn kernel_body(
     );
     let _ = writeln!(s, "    for (long long v = tid; v < nv; v += nth) {{");
     let _ = writeln!(s, "        long long i0 = v * {VEC};");
-    vector_loads(&mut s, inputs, "        ");
+    vector_loads(&mut s, inputs, "        ", VEC, Same::Load);
     let _ = writeln!(s, "        float r[{VEC}];");
     let _ = writeln!(
         s,
@@ -669,33 +686,7 @@ fn product_kernel_body(
             const long long i0 = i * n + j;
             const long long v = i0 / {TILE_VEC};"
     );
-    for (k, input) in inputs.iter().enumerate() {
-        let Some((f, axes)) = input else { continue };
-        let pad = "            ";
-        let _ = writeln!(s, "{pad}float a{k}[{TILE_VEC}];");
-        match (axes, f) {
-            (Some(_), _) => {
-                for q in 0..TILE_VEC {
-                    let e = load(*f, &format!("in{k}[KNAME_off{k}(i0 + {q})]"));
-                    let _ = writeln!(s, "{pad}a{k}[{q}] = {e};");
-                }
-            }
-            (None, Float::F32) => {
-                let _ = writeln!(
-                    s,
-                    "{pad}{{ float4 w = pw{k}[u]; a{k}[0] = w.x; a{k}[1] = w.y; a{k}[2] = w.z; a{k}[3] = w.w; }}"
-                );
-            }
-            (None, Float::BF16) => {
-                let _ = writeln!(
-                    s,
-                    "{pad}{{ uint2 w = pw{k}[u]; \
-                     a{k}[0] = __uint_as_float(w.x << 16); a{k}[1] = __uint_as_float(w.x & 0xffff0000u); \
-                     a{k}[2] = __uint_as_float(w.y << 16); a{k}[3] = __uint_as_float(w.y & 0xffff0000u); }}"
-                );
-            }
-        }
-    }
+    vector_loads(&mut s, inputs, "            ", TILE_VEC, Same::Prefetched);
     let _ = writeln!(s, "            float r[{TILE_VEC}];");
     let _ = writeln!(
         s,
