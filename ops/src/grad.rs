@@ -197,7 +197,9 @@ impl Op {
                 // C = op(A)·op(B): d op(A) = G·op(B)ᵀ and d op(B) = op(A)ᵀ·G, with the
                 // transposes folded into the flags (dA = op(B)·Gᵀ when A is transposed, …).
                 let (ta, tb) = (*ta, *tb);
-                if wrt == 0 {
+                if wrt == 2 {
+                    G
+                } else if wrt == 0 {
                     if ta {
                         ap(Op::MatMul { ta: tb, tb: true }, vec![X(1), G])
                     } else {

@@ -115,7 +115,7 @@ impl Op {
                 Ok(TensorType::new(out, product_dtype(x.dtype, w.dtype)))
             }
             Op::MatMul { ta, tb } => {
-                arity(2, 2)?;
+                arity(2, 3)?;
                 let (a, b) = (&operands[0].shape, &operands[1].shape);
                 if a.rank() < 2 || a.rank() != b.rank() {
                     return Err(err(
@@ -142,7 +142,15 @@ impl Op {
                 let mut out = a.0[..r - 2].to_vec();
                 out.extend([m, n]);
                 let dt = product_dtype(operands[0].dtype, operands[1].dtype);
-                Ok(TensorType::new(out, dt))
+                let ty = TensorType::new(out, dt);
+                if let Some(c) = operands.get(2) {
+                    if *c != ty {
+                        return Err(err(format!(
+                            "the accumulated operand must have the product's type {ty}, got {c}"
+                        )));
+                    }
+                }
+                Ok(ty)
             }
             Op::Embedding => {
                 arity(2, 2)?;
@@ -514,7 +522,7 @@ impl Op {
                 let a = &operands[0].shape;
                 let r = a.rank();
                 let k = if *ta { a.0[r - 2] } else { a.0[r - 1] } as u64;
-                2 * n * k
+                2 * n * k + if operands.len() > 2 { n } else { 0 }
             }
             Op::Attention { sliding_window, .. } => {
                 let (t, nh, d) = (

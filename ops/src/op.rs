@@ -136,7 +136,9 @@ pub enum Op {
     /// `x·Wᵀ (+ b)`: operands `x [.., in]`, `w [out, in]`, optional `b [out]`.
     Linear,
     /// Batched matrix product of `a [.., m, k]` and `b [.., k, n]` (after the optional
-    /// transposes of the last two axes); batch dimensions must be equal.
+    /// transposes of the last two axes); batch dimensions must be equal. An optional third
+    /// operand `c`, of the output's type, is added to the product before the one rounding to
+    /// the output type (`accumulate` pass: a GEMM epilogue instead of a separate add).
     MatMul {
         ta: bool,
         tb: bool,

@@ -187,3 +187,27 @@ fn every_rule_produces_its_operands_type() {
     let r = cast.vjp(0, xs, &y).unwrap().unwrap();
     assert_eq!(r.infer(xs, &y).unwrap(), x);
 }
+
+#[test]
+fn matmul_accumulates_an_operand_of_its_own_type() {
+    let mm = Op::MatMul {
+        ta: true,
+        tb: false,
+    };
+    let (a, b) = (t(&[2, 5, 3], DType::BF16), t(&[2, 5, 4], DType::BF16));
+    let c = t(&[2, 3, 4], DType::BF16);
+    let ops = [a.clone(), b.clone(), c.clone()];
+    let out = mm.infer(&ops).unwrap();
+    assert_eq!(out, c);
+    // One add per element on top of the product's 2·k per element.
+    assert_eq!(mm.flops(&ops, &out), 2 * 24 * 5 + 24);
+    for wrong in [t(&[2, 3, 4], DType::F32), t(&[2, 4, 3], DType::BF16)] {
+        let e = mm.infer(&[a.clone(), b.clone(), wrong]).unwrap_err();
+        assert!(e.to_string().contains("accumulated operand"), "{e}");
+    }
+    // The accumulated operand's gradient is the output's, and every rule keeps its type.
+    for (i, want) in ops.iter().enumerate() {
+        let r = mm.vjp(i, &ops, &out).unwrap().unwrap();
+        assert_eq!(&r.infer(&ops, &out).unwrap(), want, "operand {i}");
+    }
+}

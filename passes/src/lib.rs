@@ -39,5 +39,7 @@ pub use simplify::{simplify, SimplifyPass, SimplifyStats};
 pub mod min_cut;
 pub mod recompute;
 pub use recompute::{recompute, CheckpointPolicy, RecomputePass, RecomputeStats};
+pub mod accumulate;
+pub use accumulate::{accumulate, AccumulatePass};
 pub mod fuse_elementwise;
 pub use fuse_elementwise::{fuse_elementwise, FuseElementwisePass, FuseElementwiseStats};

@@ -119,6 +119,10 @@ impl Pass for RecomputePass {
     }
 }
 
+/// Weight of a stored byte against one recomputed op in `min_cut_saved`: above the ops of
+/// any one layer, so bytes always decide first.
+const PER_BYTE: u64 = 1 << 16;
+
 /// Ops `auto` never recomputes: recomputing them costs a product's FLOPs.
 fn expensive(op: &Op) -> bool {
     matches!(
@@ -224,6 +228,12 @@ pub fn recompute(graph: &mut Graph, policy: CheckpointPolicy) -> anyhow::Result<
 /// expensive ops hang from the source (they must run in the forward); values the backward
 /// reads feed the sink; kept values cost nothing to cut. Source side = computed in the
 /// forward; the cut edges are the values to store.
+///
+/// Between cuts of equal bytes the one recomputing fewer ops wins: bytes are scaled by
+/// `PER_BYTE` and every cheap op on the sink side (recomputed) costs 1 more. A LoRA query
+/// `q = base + cast(lora)` and its rotated `rope(q)` are the same size; storing the second
+/// spares the backward its rope, and storing a residual sum `x + o_proj(a)` rather than the
+/// product spares it the add (and leaves the product to the `accumulate` pass).
 fn min_cut_saved(
     graph: &Graph,
     nodes: &[NodeId],
@@ -240,9 +250,11 @@ fn min_cut_saved(
         } else {
             graph.node(id).ty.bytes() as u64
         };
-        net.add_edge(v_in, v_out, cost);
+        net.add_edge(v_in, v_out, cost.saturating_mul(PER_BYTE));
         if expensive(&graph.node(id).op) {
             net.add_edge(s, v_in, INFINITE);
+        } else {
+            net.add_edge(s, v_in, 1);
         }
         if read_back[id.index()] {
             net.add_edge(v_out, t, INFINITE);

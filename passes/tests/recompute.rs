@@ -139,6 +139,28 @@ fn auto_policy_stores_products_and_recomputes_the_cheap_ops() {
 }
 
 #[test]
+fn auto_policy_stores_rotated_queries_rather_than_rotating_them_again() {
+    // `q` (a product's output) and `rope(q)` are the same size: storing the rotated one
+    // costs no more and spares the backward a rope (the tie-break of `min_cut_saved`).
+    let mut g = llama(2);
+    recompute(&mut g, CheckpointPolicy::Auto).unwrap();
+    let reads = backward_reads(&g);
+    assert!(
+        reads
+            .iter()
+            .any(|(id, leaves)| !leaves && matches!(g.node(*id).op, Op::Rope(_))),
+        "a rotated query or key is stored"
+    );
+    for id in g.g.node_indices() {
+        let n = g.node(id);
+        assert!(
+            !(n.recompute && matches!(n.op, Op::Rope(_))),
+            "auto recomputes a rope"
+        );
+    }
+}
+
+#[test]
 fn none_policy_changes_nothing_and_the_pass_runs_once() {
     let mut g = llama(2);
     let before = qplc_compiler::dump::render(

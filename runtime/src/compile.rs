@@ -7,8 +7,8 @@ use qplc_compiler::dump::{render, DumpFormat, DumpView};
 use qplc_compiler::{Plan, PlanConfig, PlanModel};
 use qplc_ops::DType;
 use qplc_passes::{
-    AutodiffPass, ControlPass, FullFtPass, FuseElementwisePass, FusePass, LoraPass, LossPass,
-    PassContext, PassManager, RecomputePass, SimplifyPass,
+    AccumulatePass, AutodiffPass, ControlPass, FullFtPass, FuseElementwisePass, FusePass, LoraPass,
+    LossPass, PassContext, PassManager, RecomputePass, SimplifyPass,
 };
 use std::path::{Path, PathBuf};
 
@@ -58,6 +58,9 @@ pub fn compile(cfg: &LoadedConfig, opts: &CompileOptions) -> Result<CompileOutpu
     // Checkpointing after fusion: it copies the kernels that will run, and egg would merge
     // a copy with its original again (passes/src/recompute.rs).
     passes.insert_before("partition", RecomputePass::from_config(cfg)?)?;
+    // Sums of bf16 products run in the products' epilogues; after recompute (which decides on
+    // the plain graph) and before elementwise fusion, which keeps the adds it chains.
+    passes.insert_before("partition", AccumulatePass)?;
     // Elementwise chains become one kernel each. After recompute: a forward value that
     // the backward now reads from its recomputed copy has no reader left but the next op
     // of the forward, so the whole chain (e.g. SwiGLU's add·silu·mul) fuses; groups never

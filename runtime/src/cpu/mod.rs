@@ -229,6 +229,15 @@ pub fn execute_op(
         }
         Op::MatMul { ta, tb } => {
             matmul::batched(*ta, *tb, operands[0], operands[1], out)?;
+            // The accumulated operand joins the f32 product before the executor's one
+            // rounding to the output type, as a GEMM epilogue with beta = 1 does.
+            if let Some(c) = operands.get(2) {
+                let c = f32s(name, c)?;
+                f32s_mut(name, out)?
+                    .par_iter_mut()
+                    .zip(c.par_iter())
+                    .for_each(|(o, c)| *o += c);
+            }
         }
         Op::Embedding => embedding::embedding(operands[0], operands[1], out)?,
         Op::RmsNorm { eps, offset } => {

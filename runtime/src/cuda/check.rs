@@ -242,6 +242,33 @@ fn cases(g: &mut Gen) -> Vec<Case> {
         },
         vec![g.f(&[5, 4], -1.0, 1.0), g.f(&[4, 6], -1.0, 1.0)],
     ));
+    // The accumulate pass's products (`MatMul(a, b, c)`, cuBLASLt's epilogue): batched, every
+    // transpose, and a 2-D one of a shape the 8B step has ([T, 4096]·[4096, 1024]ᵀ scaled down).
+    for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+        let a = if ta { [3, 4, 5] } else { [3, 5, 4] };
+        let b = if tb { [3, 6, 4] } else { [3, 4, 6] };
+        v.push(case(
+            format!("matmul+acc ta={ta} tb={tb}"),
+            Op::MatMul { ta, tb },
+            vec![
+                g.f(&a, -1.0, 1.0),
+                g.f(&b, -1.0, 1.0),
+                g.f(&[3, 5, 6], -2.0, 2.0),
+            ],
+        ));
+    }
+    v.push(case(
+        "matmul+acc 2d",
+        Op::MatMul {
+            ta: false,
+            tb: true,
+        },
+        vec![
+            g.f(&[67, 96], -1.0, 1.0),
+            g.f(&[40, 96], -1.0, 1.0),
+            g.f(&[67, 40], -4.0, 4.0),
+        ],
+    ));
     v.push(case(
         "embedding",
         Op::Embedding,

@@ -133,9 +133,13 @@ pub(crate) fn execute(
         },
         Op::Linear | Op::MatMul { .. } => {
             let p = product_shape(op, operands).expect("a product op");
-            let bias = operands.get(2).map(|b| b.data());
             let (a, b) = (operands[0].data(), operands[1].data());
-            product(be, name, &p, a, b, bias, out.data_mut())?;
+            match (op, operands.get(2)) {
+                (Op::MatMul { .. }, Some(c)) => {
+                    accumulate(be, name, &p, a, b, c, out)?;
+                }
+                (_, bias) => product(be, name, &p, a, b, bias.map(|b| b.data()), out.data_mut())?,
+            }
         }
         Op::Embedding => {
             let (ids, table) = (operands[0], operands[1]);
@@ -736,6 +740,37 @@ fn product(
         _ => Err(KernelError::new(
             name,
             "operands and output must be float tensors of one storage kind",
+        )),
+    }
+}
+
+/// `op(a)·op(b) + c` (a `MatMul` with an accumulated operand, all of one storage kind):
+/// cuBLASLt adds `c` in the epilogue, before the one rounding; with `k = 0` it is `c`.
+fn accumulate(
+    be: &CudaBackend,
+    name: &'static str,
+    p: &Product,
+    a: &DevData,
+    b: &DevData,
+    c: &CudaTensor,
+    out: &mut CudaTensor,
+) -> Result<(), KernelError> {
+    if p.batch * p.m * p.n == 0 {
+        return Ok(());
+    }
+    if p.k == 0 {
+        return copy(be, name, c, out);
+    }
+    match (a, b, c.data(), out.data_mut()) {
+        (DevData::F32(a), DevData::F32(b), DevData::F32(c), DevData::F32(o)) => {
+            be.gemm_accumulate(name, p, Elem::F32, a, b, c, o)
+        }
+        (DevData::BF16(a), DevData::BF16(b), DevData::BF16(c), DevData::BF16(o)) => {
+            be.gemm_accumulate(name, p, Elem::BF16, a, b, c, o)
+        }
+        _ => Err(KernelError::new(
+            name,
+            "an accumulating product takes operands and output of one float storage kind",
         )),
     }
 }

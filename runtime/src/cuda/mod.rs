@@ -21,6 +21,7 @@ mod flash;
 mod fused;
 mod gemm;
 mod launch;
+mod lt;
 pub mod model;
 mod nvrtc_cache;
 pub mod skinny;
@@ -275,6 +276,8 @@ pub struct CudaBackend {
     arch: &'static str,
     /// Generated elementwise kernels, compiled on first use (`fused.rs`).
     fused: Box<fused::FusedKernels>,
+    /// cuBLASLt for products with an accumulated operand (`lt.rs`), opened on first use.
+    lt: std::sync::OnceLock<lt::Lt>,
     /// Fill every new buffer (reused ones too) with NaN (floats) or `i32::MIN` (integers),
     /// so that an element a kernel forgets to write shows up in a comparison (METHOD.md
     /// "poison").
@@ -398,9 +401,20 @@ impl CudaBackend {
                 flash,
                 arch,
                 fused: Box::default(),
+                lt: std::sync::OnceLock::new(),
                 poison: false,
             })
         })
+    }
+
+    /// The cuBLASLt state, opened on the first product with an accumulated operand.
+    fn lt(&self) -> Result<&lt::Lt, KernelError> {
+        if let Some(l) = self.lt.get() {
+            return Ok(l);
+        }
+        let stream = std::panic::AssertUnwindSafe(&self.stream);
+        let l = with_libraries(|| lt::Lt::new(*stream))?;
+        Ok(self.lt.get_or_init(|| l))
     }
 
     /// Poison every new buffer (see the field); for checks, slower.

@@ -38,9 +38,9 @@ use qplc_compiler::config::{LoadedConfig, Mode};
 use qplc_compiler::Graph;
 use qplc_ops::{dropout, DType, Op};
 use qplc_passes::{
-    control_weight_name, grad_output_name, parse_control_weight_name, AutodiffPass, ControlPass,
-    ControlRole, FullFtPass, FuseElementwisePass, FusePass, LoraPass, LossPass, PassContext,
-    PassManager, RecomputePass, SimplifyPass, CONTROL_CLASSES, DROPOUT_KEY,
+    control_weight_name, grad_output_name, parse_control_weight_name, AccumulatePass, AutodiffPass,
+    ControlPass, ControlRole, FullFtPass, FuseElementwisePass, FusePass, LoraPass, LossPass,
+    PassContext, PassManager, RecomputePass, SimplifyPass, CONTROL_CLASSES, DROPOUT_KEY,
 };
 use state::TrainState;
 use std::collections::{BTreeMap, HashMap};
@@ -108,6 +108,7 @@ pub fn run(cfg: &LoadedConfig, opts: &RunOptions) -> Result<RunSummary> {
         .add(FusePass::standard())
         .add(SimplifyPass)
         .add(RecomputePass::from_config(cfg)?)
+        .add(AccumulatePass)
         .add(FuseElementwisePass::from_config(cfg));
     let mut cx = PassContext::new(seq_len, c.pipeline_stages as usize, &cfg.partition_method());
     cx.num_layers = Some(built.info.num_layers);
