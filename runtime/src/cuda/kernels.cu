@@ -17,94 +17,26 @@
 #define STORAGE_BF16 0
 #endif
 
-#if STORAGE_BF16
-// bf16 bits; no cuda_bf16.h so that NVRTC needs no include path.
-typedef unsigned short S;
-// Data movement copies storage words untouched.
-typedef unsigned short W;
-#define SFX(name) name##_bf16
-__device__ __forceinline__ float ld(S x) { return __uint_as_float(((unsigned int)x) << 16); }
-// Round to nearest even, as `half::bf16::from_f32` (NaN stays a quiet NaN).
-__device__ __forceinline__ S st(float x) {
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (S)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (S)(u >> 16);
-}
-#else
-typedef float S;
-typedef unsigned int W;
-#define SFX(name) name##_f32
-__device__ __forceinline__ float ld(S x) { return x; }
-__device__ __forceinline__ S st(float x) { return x; }
-#endif
-
-// Four consecutive storage elements as one load / store (8 bytes of bf16, 16 of f32), for
-// the memory-bound row kernels; the address must be a multiple of the vector size.
-#if STORAGE_BF16
-typedef uint2 V4;
-__device__ __forceinline__ void ld4(const S* p, float* f) {
-    uint2 v = *(const uint2*)p;
-    f[0] = __uint_as_float(v.x << 16);
-    f[1] = __uint_as_float(v.x & 0xffff0000u);
-    f[2] = __uint_as_float(v.y << 16);
-    f[3] = __uint_as_float(v.y & 0xffff0000u);
-}
-__device__ __forceinline__ void st4(S* p, const float* f) {
-    uint2 v;
-    v.x = (unsigned int)st(f[0]) | ((unsigned int)st(f[1]) << 16);
-    v.y = (unsigned int)st(f[2]) | ((unsigned int)st(f[3]) << 16);
-    *(uint2*)p = v;
-}
-#else
-__device__ __forceinline__ void ld4(const S* p, float* f) {
-    float4 v = *(const float4*)p;
-    f[0] = v.x;
-    f[1] = v.y;
-    f[2] = v.z;
-    f[3] = v.w;
-}
-__device__ __forceinline__ void st4(S* p, const float* f) { *(float4*)p = make_float4(f[0], f[1], f[2], f[3]); }
-#endif
-
-#define MAXR 8
-#define NEG_INF __int_as_float(0xff800000)
-#define LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
-
-// Shapes for broadcasting / permuting: `dims` of the output, and for up to two inputs the
-// stride of each output axis in that input (0 on broadcast axes).
-struct Strided {
-    long long rank;
-    long long dims[MAXR];
-    long long sa[MAXR];
-    long long sb[MAXR];
-};
-
-__device__ __forceinline__ void offsets(const Strided& s, long long idx, long long* ia, long long* ib) {
-    // Rank 0: both inputs have the output's layout (launch.rs `Strided::new`).
-    if (s.rank == 0) {
-        *ia = idx;
-        *ib = idx;
-        return;
-    }
-    long long a = 0, b = 0;
-    for (int d = (int)s.rank - 1; d >= 0; --d) {
-        long long c = idx % s.dims[d];
-        idx /= s.dims[d];
-        a += c * s.sa[d];
-        b += c * s.sb[d];
-    }
-    *ia = a;
-    *ib = b;
-}
-
 // FUSED_PRELUDE_BEGIN (cuda/fused.rs copies the element functions from here to the END mark)
+// bf16 bits of x rounded to nearest even, as `half::bf16::from_f32`: one `cvt` from sm_80 on
+// (the bit operations below take ~7 instructions, which elementwise kernels feel); a NaN
+// becomes a quiet NaN either way.
+__device__ __forceinline__ unsigned short bf16_rn(float x) {
+#if __CUDA_ARCH__ >= 800
+    unsigned short h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+#else
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+#endif
+}
+
 // Round to nearest even at bf16 precision, as `half::bf16::from_f32` (NaN stays NaN).
 __device__ __forceinline__ float round_bf16(float x) {
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return x;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return __uint_as_float(u & 0xffff0000u);
+    return __uint_as_float(((unsigned int)bf16_rn(x)) << 16);
 }
 
 __device__ __forceinline__ float round_f16(float x) {
@@ -197,6 +129,84 @@ __device__ __forceinline__ float binary_partial(int op, int wrt, float a, float 
 }
 
 // FUSED_PRELUDE_END
+
+
+#if STORAGE_BF16
+// bf16 bits; no cuda_bf16.h so that NVRTC needs no include path.
+typedef unsigned short S;
+// Data movement copies storage words untouched.
+typedef unsigned short W;
+#define SFX(name) name##_bf16
+__device__ __forceinline__ float ld(S x) { return __uint_as_float(((unsigned int)x) << 16); }
+// Round to nearest even, as `half::bf16::from_f32` (NaN stays a quiet NaN): `bf16_rn` below.
+__device__ __forceinline__ S st(float x) { return bf16_rn(x); }
+#else
+typedef float S;
+typedef unsigned int W;
+#define SFX(name) name##_f32
+__device__ __forceinline__ float ld(S x) { return x; }
+__device__ __forceinline__ S st(float x) { return x; }
+#endif
+
+// Four consecutive storage elements as one load / store (8 bytes of bf16, 16 of f32), for
+// the memory-bound row kernels; the address must be a multiple of the vector size.
+#if STORAGE_BF16
+typedef uint2 V4;
+__device__ __forceinline__ void ld4(const S* p, float* f) {
+    uint2 v = *(const uint2*)p;
+    f[0] = __uint_as_float(v.x << 16);
+    f[1] = __uint_as_float(v.x & 0xffff0000u);
+    f[2] = __uint_as_float(v.y << 16);
+    f[3] = __uint_as_float(v.y & 0xffff0000u);
+}
+__device__ __forceinline__ void st4(S* p, const float* f) {
+    uint2 v;
+    v.x = (unsigned int)st(f[0]) | ((unsigned int)st(f[1]) << 16);
+    v.y = (unsigned int)st(f[2]) | ((unsigned int)st(f[3]) << 16);
+    *(uint2*)p = v;
+}
+#else
+__device__ __forceinline__ void ld4(const S* p, float* f) {
+    float4 v = *(const float4*)p;
+    f[0] = v.x;
+    f[1] = v.y;
+    f[2] = v.z;
+    f[3] = v.w;
+}
+__device__ __forceinline__ void st4(S* p, const float* f) { *(float4*)p = make_float4(f[0], f[1], f[2], f[3]); }
+#endif
+
+#define MAXR 8
+#define NEG_INF __int_as_float(0xff800000)
+#define LOOP(i, n) for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long long)blockDim.x * gridDim.x)
+
+// Shapes for broadcasting / permuting: `dims` of the output, and for up to two inputs the
+// stride of each output axis in that input (0 on broadcast axes).
+struct Strided {
+    long long rank;
+    long long dims[MAXR];
+    long long sa[MAXR];
+    long long sb[MAXR];
+};
+
+__device__ __forceinline__ void offsets(const Strided& s, long long idx, long long* ia, long long* ib) {
+    // Rank 0: both inputs have the output's layout (launch.rs `Strided::new`).
+    if (s.rank == 0) {
+        *ia = idx;
+        *ib = idx;
+        return;
+    }
+    long long a = 0, b = 0;
+    for (int d = (int)s.rank - 1; d >= 0; --d) {
+        long long c = idx % s.dims[d];
+        idx /= s.dims[d];
+        a += c * s.sa[d];
+        b += c * s.sb[d];
+    }
+    *ia = a;
+    *ib = b;
+}
+
 
 // Strided row copies for slice and concat: `rows` rows of `width` words T from x (row pitch
 // `xs` words, starting at word `xo`) to o (pitch `os`, starting at `oo`). The host picks the
