@@ -96,7 +96,7 @@ impl RunStats {
 
 /// `QPLC_PROFILE=1` (any value but `0` or empty): every `Program::run` prints its per-op
 /// time report to stderr when it ends.
-fn profiling() -> bool {
+pub(crate) fn profiling() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("QPLC_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"))
 }

@@ -91,7 +91,14 @@ pub fn run(
         device_used.set(device_used.get().max(used()?));
         let mut params: Vec<&mut CudaTensor> = w.trainable.iter_mut().collect();
         let grad_refs: Vec<&CudaTensor> = grads.iter().collect();
+        // With QPLC_PROFILE the optimiser's time follows the graph's per-op report.
+        let profile = crate::executor::profiling();
+        let t = std::time::Instant::now();
         adam.step(&gpu, lr, &mut params, &grad_refs)?;
+        if profile {
+            gpu.synchronize()?;
+            eprintln!("adam step: {:.2} ms", t.elapsed().as_secs_f64() * 1e3);
+        }
         if let Some(l) = last_loss.replace(loss) {
             be.release(l);
         }
