@@ -698,10 +698,22 @@ fn lora_8b_bf16(
     };
     let want_c = want.f32_mut("skinny check")?;
     let t_fma = time_with(gpu, &mut || run(fma, &mut *want_c))?;
+    // Other depths of the tensor-core pipeline, to show the default's choice.
+    let mut alt = String::new();
+    for stages in [3, 4] {
+        let mut scratch = gpu.alloc(&ty)?;
+        let c = scratch.f32_mut("skinny check")?;
+        let tuning = Tuning {
+            stages: Some(stages),
+            ..Tuning::default()
+        };
+        let t = time_with(gpu, &mut || run(tuning, &mut *c))?;
+        alt.push_str(&format!(", {stages} stages {:.1}", t * 1e6));
+    }
     let got_c = got.f32_mut("skinny check")?;
     let t_tc = time_with(gpu, &mut || run(Tuning::default(), &mut *got_c))?;
     let name = format!(
-        "skinny 8B bf16 {what}: tensor cores {:.1} µs, FMA {:.1} µs ({:.2}×)",
+        "skinny 8B bf16 {what}: tensor cores {:.1} µs, FMA {:.1} µs ({:.2}×{alt})",
         t_tc * 1e6,
         t_fma * 1e6,
         t_fma / t_tc

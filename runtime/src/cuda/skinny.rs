@@ -349,6 +349,8 @@ impl CudaBackend {
             .find(|k| k.kmajor == kmajor && k.nb == nb && k.big_bf16 == big_bf16 && k.fma == fma)
             .map(|k| k.name)
             .ok_or_else(|| KernelError::new(name, "no small-n kernel for this shape"))?;
+        // The tensor-core kernels too: 3 or 4 stages were no faster on the H200
+        // (notes/CUDA.md, "Adapter products on tensor cores").
         let stages = tuning.stages.unwrap_or(DEFAULT_STAGES);
         if !STAGES.contains(&stages) {
             return Err(KernelError::new(
