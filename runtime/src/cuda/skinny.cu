@@ -51,7 +51,7 @@ __device__ __forceinline__ float widen_hi(unsigned w) { return __uint_as_float(w
 // v3 = bf16(v − v1 − v2) (each difference exact in f32; the parts carry 24 significant bits,
 // |v − v1 − v2 − v3| ≤ 2⁻²⁴|v|). A bf16 × bf16 product is exact in f32, so a product with a
 // bf16 operand is x·w1 + x·w2 + x·w3 (3 MMAs), and one of two f32 operands keeps the six
-// terms with i + j ≤ 4 (the three dropped are below 2⁻²⁴ of the product). The MMAs sum in a
+// terms with i + j ≤ 4 (the three dropped are together below 2⁻²³ of the product). The MMAs sum in a
 // different order than one fmaf per term and truncate their f32 sums (not round to nearest),
 // so the result is f32-accurate (~1e-6 relative) but not bitwise the FMA kernels'; it is the
 // same every run (no atomics, fixed order).
