@@ -1,15 +1,18 @@
 //! Checks of the skinny f32 products (skinny.cu; part of `qplc cuda-check`):
 //!
 //! * every route and layout (small n with either axis of the big operand contiguous, small
-//!   m, small k; transposes, batches, a bias, edge tiles, unaligned rows, split k) against
-//!   the CPU backend through `Backend::execute`, as the op cases are;
-//! * a split product run twice gives the same bits (the splits are added in a fixed order);
-//! * the LoRA products of a Llama-8B step at T = 4096 on both skinny.cu and cuBLAS, the
-//!   two results compared and the times in the row name.
+//!   m, small k; transposes, batches, a bias, edge tiles, unaligned rows, split k, n and k
+//!   from 1 to 64), with f32 and with bf16 big operands, against the CPU backend through
+//!   `Backend::execute` at `TC_TOL`;
+//! * a split product and a small-k product run twice give the same bits (fixed order);
+//! * a small-k product fused with its epilogue gives the bits of the unfused ops;
+//! * the LoRA products of a Llama-8B step at T = 4096: f32 big operands on skinny.cu and
+//!   cuBLAS, bf16 big operands (the LoRA step's) on the tensor-core and the FMA kernels,
+//!   the results compared and the times in the row name.
 use super::check::{compare, CheckRow, F32_TOL};
 use super::gemm::{Elem, Engine, Product};
 use super::skinny::Tuning;
-use super::{cuda_err, CudaBackend};
+use super::{cuda_err, CudaBackend, DevData};
 use crate::adapter_init::Pcg32;
 use crate::backend::{Backend, KernelError};
 use crate::tensor::HostTensor;
@@ -27,6 +30,11 @@ fn rand(rng: &mut Pcg32, shape: &[usize]) -> HostTensor {
     )
 }
 
+/// Relative tolerance of the skinny products against the CPU: the FMA kernels reach ~1e-6,
+/// and the tensor-core kernels must stay as close (three bf16 parts carry 24 bits; the
+/// MMAs' truncating sums see at most a tile's worth of steps).
+pub const TC_TOL: f64 = 1e-5;
+
 fn failed(name: String, why: String) -> CheckRow {
     CheckRow {
         name,
@@ -38,7 +46,7 @@ fn failed(name: String, why: String) -> CheckRow {
     }
 }
 
-/// Runs `op` on both backends and compares.
+/// Runs `op` on both backends and compares at `TC_TOL`.
 fn parity(gpu: &CudaBackend, name: String, op: Op, inputs: &[HostTensor]) -> CheckRow {
     let refs: Vec<&HostTensor> = inputs.iter().collect();
     let want = match CpuBackend::new().eval(&op, &refs) {
@@ -56,7 +64,7 @@ fn parity(gpu: &CudaBackend, name: String, op: Op, inputs: &[HostTensor]) -> Che
         gpu.download(&out)
     })();
     match got {
-        Ok(g) => compare(&name, &want, &g, F32_TOL),
+        Ok(g) => compare(&name, &want, &g, TC_TOL),
         Err(e) => failed(name, format!("GPU: {e}")),
     }
 }
@@ -152,6 +160,23 @@ fn layout_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
             Op::Linear,
             vec![vec![260, 50], vec![190, 50], vec![190]],
         ),
+        ("small k, k=1", MM, vec![vec![70, 1], vec![1, 90]]),
+        ("small k, k=17, odd", MM, vec![vec![129, 17], vec![17, 67]]),
+        (
+            "small k, k=33, tb",
+            Op::Linear,
+            vec![vec![100, 33], vec![130, 33]],
+        ),
+        (
+            "small k, k=64, ta tb",
+            Op::MatMul { ta: true, tb: true },
+            vec![vec![64, 200], vec![190, 64]],
+        ),
+        (
+            "small k, k=16, 8B-like rows",
+            Op::Linear,
+            vec![vec![4096, 16], vec![1024, 16]],
+        ),
         (
             "batched small n",
             MM,
@@ -188,10 +213,12 @@ fn layout_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
         .collect()
 }
 
-/// Products whose big operand is bf16 (the simplify pass's folded LoRA casts): against the
-/// CPU, and bit for bit against the f32 product of the widened operand (the bf16 kernels
-/// widen as they read, so nothing may differ). Shapes the bf16 kernels do not take (small k,
-/// a bias, a bf16 small operand) go through the widening fallback and are checked too.
+/// Products whose big operand is bf16 (the simplify pass's folded LoRA casts), against the
+/// CPU: the tensor-core kernels for both layouts of the big operand (contiguous along k:
+/// `x·Aᵀ`, `g·B`; along the rows: `gᵀ·h`, `hᵀ·x`), every tile width, edge tiles, odd sizes,
+/// unaligned rows (the plain-load staging), split k, batches. Shapes the bf16 kernels do not
+/// take (small k, a bias, a bf16 small operand) go through the widening fallback and are
+/// checked too.
 fn bf16_big_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
     // (what, op, shapes, which operand is bf16)
     let cases: Vec<(&str, Op, Vec<Vec<usize>>, usize)> = vec![
@@ -219,7 +246,43 @@ fn bf16_big_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
             vec![vec![256, 5000], vec![16, 5000]],
             0,
         ),
+        (
+            "x·Aᵀ, n=1",
+            Op::Linear,
+            vec![vec![333, 640], vec![1, 640]],
+            0,
+        ),
+        (
+            "x·Aᵀ, n=24, k=20",
+            Op::Linear,
+            vec![vec![257, 20], vec![24, 20]],
+            0,
+        ),
+        (
+            "x·Aᵀ, n=32",
+            Op::Linear,
+            vec![vec![640, 1024], vec![32, 1024]],
+            0,
+        ),
+        (
+            "x·Aᵀ, n=40, odd",
+            Op::Linear,
+            vec![vec![777, 999], vec![40, 999]],
+            0,
+        ),
+        (
+            "x·Aᵀ, n=64",
+            Op::Linear,
+            vec![vec![520, 2048], vec![64, 2048]],
+            0,
+        ),
         ("g·B", MM, vec![vec![500, 2048], vec![2048, 16]], 0),
+        (
+            "g·B, n=64, odd",
+            MM,
+            vec![vec![301, 1003], vec![1003, 64]],
+            0,
+        ),
         (
             "gᵀ·h (B grad)",
             MM_TA,
@@ -233,15 +296,51 @@ fn bf16_big_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
             0,
         ),
         (
+            "gᵀ·h, k split, edge tile",
+            MM_TA,
+            vec![vec![5000, 200], vec![5000, 16]],
+            0,
+        ),
+        (
+            "gᵀ·h, n=32",
+            MM_TA,
+            vec![vec![1000, 384], vec![1000, 32]],
+            0,
+        ),
+        (
+            "gᵀ·h, n=64, rows not 8-aligned",
+            MM_TA,
+            vec![vec![900, 261], vec![900, 64]],
+            0,
+        ),
+        (
             "hᵀ·x (A grad)",
             MM_TA,
             vec![vec![3000, 16], vec![3000, 700]],
             1,
         ),
         (
+            "hᵀ·x, m=32, odd",
+            MM_TA,
+            vec![vec![1001, 32], vec![1001, 515]],
+            1,
+        ),
+        (
+            "hᵀ·x, m=64",
+            MM_TA,
+            vec![vec![2048, 64], vec![2048, 256]],
+            1,
+        ),
+        (
             "batched g·B",
             MM,
             vec![vec![3, 300, 700], vec![3, 700, 16]],
+            0,
+        ),
+        (
+            "batched gᵀ·h",
+            MM_TA,
+            vec![vec![2, 600, 136], vec![2, 600, 16]],
             0,
         ),
         (
@@ -263,38 +362,16 @@ fn bf16_big_cases(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
             1,
         ),
     ];
-    let mut rows = Vec::new();
-    for (what, op, shapes, narrow) in cases {
-        let mut inputs: Vec<HostTensor> = shapes.iter().map(|s| rand(rng, s)).collect();
-        inputs[narrow] = inputs[narrow].cast(DType::BF16);
-        let dims: Vec<String> = shapes.iter().map(|s| format!("{s:?}")).collect();
-        let name = format!("skinny bf16 operand {narrow}: {what} {}", dims.join("·"));
-        rows.push(parity(gpu, name.clone(), op.clone(), &inputs));
-        // The same values as f32 on the f32 kernels: the same bits.
-        let mut wide = inputs.clone();
-        wide[narrow] = wide[narrow].cast(DType::F32);
-        let both = (|| {
-            let mut outs = Vec::new();
-            for ins in [&inputs, &wide] {
-                let bufs = ins
-                    .iter()
-                    .map(|t| gpu.upload(t))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let brefs: Vec<_> = bufs.iter().collect();
-                let ty = op.infer(&ins.iter().map(|t| t.ty.clone()).collect::<Vec<_>>());
-                let ty = ty.map_err(|e| KernelError::new("skinny", e.message))?;
-                let mut out = gpu.alloc(&ty)?;
-                gpu.execute(&op, &brefs, &mut out)?;
-                outs.push(gpu.download(&out)?);
-            }
-            Ok::<_, KernelError>(outs)
-        })();
-        rows.push(match both {
-            Ok(o) => compare(&format!("{name} = widened f32"), &o[1], &o[0], 0.0),
-            Err(e) => failed(format!("{name} = widened f32"), e.to_string()),
-        });
-    }
-    rows
+    cases
+        .into_iter()
+        .map(|(what, op, shapes, narrow)| {
+            let mut inputs: Vec<HostTensor> = shapes.iter().map(|s| rand(rng, s)).collect();
+            inputs[narrow] = inputs[narrow].cast(DType::BF16);
+            let dims: Vec<String> = shapes.iter().map(|s| format!("{s:?}")).collect();
+            let name = format!("skinny bf16 operand {narrow}: {what} {}", dims.join("·"));
+            parity(gpu, name, op, &inputs)
+        })
+        .collect()
 }
 
 /// A chain with a small-k product step gives the bits of the product run alone and the rest
@@ -353,23 +430,58 @@ fn fused_product_exact(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
     rows
 }
 
-/// A split product twice: bit-identical results.
-fn deterministic(gpu: &CudaBackend, rng: &mut Pcg32) -> Result<CheckRow, KernelError> {
-    let (x, a) = (rand(rng, &[256, 5000]), rand(rng, &[16, 5000]));
-    let (xg, ag) = (gpu.upload(&x)?, gpu.upload(&a)?);
-    let ty = qplc_ops::TensorType::new([256, 16], DType::F32);
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        let mut out = gpu.alloc(&ty)?;
-        gpu.execute(&Op::Linear, &[&xg, &ag], &mut out)?;
-        runs.push(gpu.download(&out)?);
-    }
-    Ok(compare(
-        "skinny split-k product, two runs bit-identical",
-        &runs[0],
-        &runs[1],
-        0.0,
-    ))
+/// Split products (f32 and bf16 big operand) and a small-k product, each run twice:
+/// bit-identical results.
+fn deterministic(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
+    let cases: Vec<(&str, Op, HostTensor, HostTensor)> = vec![
+        (
+            "split-k f32",
+            Op::Linear,
+            rand(rng, &[256, 5000]),
+            rand(rng, &[16, 5000]),
+        ),
+        (
+            "split-k bf16 (tensor cores)",
+            Op::Linear,
+            rand(rng, &[256, 5000]).cast(DType::BF16),
+            rand(rng, &[16, 5000]),
+        ),
+        (
+            "split-k bf16 k-major (tensor cores)",
+            MM_TA,
+            rand(rng, &[5000, 256]).cast(DType::BF16),
+            rand(rng, &[5000, 16]),
+        ),
+        (
+            "small k (tensor cores)",
+            Op::Linear,
+            rand(rng, &[1000, 16]),
+            rand(rng, &[700, 16]),
+        ),
+    ];
+    cases
+        .into_iter()
+        .map(|(what, op, x, a)| {
+            let name = format!("skinny {what} product, two runs bit-identical");
+            let runs = (|| {
+                let (xg, ag) = (gpu.upload(&x)?, gpu.upload(&a)?);
+                let ty = op
+                    .infer(&[x.ty.clone(), a.ty.clone()])
+                    .map_err(|e| KernelError::new("skinny", e.message))?;
+                let mut runs = Vec::new();
+                for _ in 0..2 {
+                    let mut out = gpu.alloc(&ty)?;
+                    gpu.execute(&op, &[&xg, &ag], &mut out)?;
+                    runs.push(gpu.download(&out)?);
+                }
+                Ok::<_, KernelError>(runs)
+            })();
+            match runs {
+                Ok(r) => compare(&name, &r[0], &r[1], 0.0),
+                Err(e) => failed(name, e.to_string()),
+            }
+        })
+        .collect()
 }
 
 /// Elements of the fill that keeps the GPU busy (8 GB, about 2 ms) while the host queues
@@ -460,27 +572,43 @@ fn lora_8b(
     let (cublas, cublas_host) = time(gpu, Engine::Cublas, p, a, b, want.f32_mut("skinny check")?)?;
     // Other knobs of the small-n kernels, to show the defaults' choice.
     let mut alt = String::new();
+    if super::skinny::route(p) == Some(super::skinny::Route::Outer) {
+        let fma = Tuning {
+            fma: true,
+            ..Tuning::default()
+        };
+        let mut scratch = gpu.alloc(&ty)?;
+        let (s, _) = time(
+            gpu,
+            Engine::Skinny(fma),
+            p,
+            a,
+            b,
+            scratch.f32_mut("skinny check")?,
+        )?;
+        alt.push_str(&format!(", FMA {:.1}", s * 1e6));
+    }
     if p.k > 1024 {
         let variants = [
             (
                 "2 stages",
                 Tuning {
-                    blocks: None,
                     stages: Some(2),
+                    ..Tuning::default()
                 },
             ),
             (
                 "4 stages",
                 Tuning {
-                    blocks: None,
                     stages: Some(4),
+                    ..Tuning::default()
                 },
             ),
             (
                 "1320 blocks",
                 Tuning {
                     blocks: Some(1320),
-                    stages: None,
+                    ..Tuning::default()
                 },
             ),
         ];
@@ -518,6 +646,83 @@ fn lora_8b(
         &gpu.download(&want)?,
         &gpu.download(&got)?,
         F32_TOL,
+    ))
+}
+
+/// One Llama-8B LoRA product with its big operand bf16 (as the LoRA step runs it): the
+/// tensor-core kernel against the FMA kernel, compared at `TC_TOL`, both timed in the row
+/// name. `big_is_a`: the big operand is `a` (small n) rather than `b` (small m).
+fn lora_8b_bf16(
+    gpu: &CudaBackend,
+    what: &str,
+    p: &Product,
+    big: &HostTensor,
+    small: &HostTensor,
+    big_is_a: bool,
+) -> Result<CheckRow, KernelError> {
+    let (big_len, small_len) = if big_is_a {
+        (p.m * p.k, p.k * p.n)
+    } else {
+        (p.k * p.n, p.m * p.k)
+    };
+    let hb = HostTensor::f32(vec![big_len], big.as_f32()[..big_len].to_vec()).cast(DType::BF16);
+    let hs = HostTensor::f32(vec![small_len], small.as_f32()[..small_len].to_vec());
+    let (bg, sg) = (gpu.upload(&hb)?, gpu.upload(&hs)?);
+    let DevData::BF16(wide) = bg.data() else {
+        return Err(KernelError::new(
+            "skinny check",
+            "bf16 upload not held as bf16",
+        ));
+    };
+    let narrow = sg.f32("skinny check")?;
+    let ty = qplc_ops::TensorType::new([p.m, p.n], DType::F32);
+    let (mut want, mut got) = (gpu.alloc(&ty)?, gpu.alloc(&ty)?);
+    let run = |tuning: Tuning, c: &mut CudaSlice<f32>| -> Result<(), KernelError> {
+        let ran = if big_is_a {
+            gpu.gemm_bf16_big("skinny check", p, wide, narrow, true, c, tuning)?
+        } else {
+            gpu.gemm_bf16_big("skinny check", p, narrow, wide, false, c, tuning)?
+        };
+        if ran {
+            Ok(())
+        } else {
+            Err(KernelError::new(
+                "skinny check",
+                "no bf16 kernel for this product",
+            ))
+        }
+    };
+    let fma = Tuning {
+        fma: true,
+        ..Tuning::default()
+    };
+    let want_c = want.f32_mut("skinny check")?;
+    let t_fma = time_with(gpu, &mut || run(fma, &mut *want_c))?;
+    // Other depths of the tensor-core pipeline, to show the default's choice.
+    let mut alt = String::new();
+    for stages in [3, 4] {
+        let mut scratch = gpu.alloc(&ty)?;
+        let c = scratch.f32_mut("skinny check")?;
+        let tuning = Tuning {
+            stages: Some(stages),
+            ..Tuning::default()
+        };
+        let t = time_with(gpu, &mut || run(tuning, &mut *c))?;
+        alt.push_str(&format!(", {stages} stages {:.1}", t * 1e6));
+    }
+    let got_c = got.f32_mut("skinny check")?;
+    let t_tc = time_with(gpu, &mut || run(Tuning::default(), &mut *got_c))?;
+    let name = format!(
+        "skinny 8B bf16 {what}: tensor cores {:.1} µs, FMA {:.1} µs ({:.2}×{alt})",
+        t_tc * 1e6,
+        t_fma * 1e6,
+        t_fma / t_tc
+    );
+    Ok(compare(
+        &name,
+        &gpu.download(&want)?,
+        &gpu.download(&got)?,
+        TC_TOL,
     ))
 }
 
@@ -605,13 +810,67 @@ fn lora_8b_products(gpu: &CudaBackend, rng: &mut Pcg32) -> Vec<CheckRow> {
         ("h·Bᵀ → [4096,14336]", Product::dense(false, true, t, r, f)),
         ("dh·A → [4096,4096]", Product::dense(false, false, t, r, h)),
     ];
-    let rows = shapes
+    let mut rows: Vec<CheckRow> = shapes
         .into_iter()
         .map(|(what, p)| {
             lora_8b(gpu, what, &p, &big, &small)
                 .unwrap_or_else(|e| failed(format!("skinny 8B {what}"), e.to_string()))
         })
         .collect();
+    // The LoRA step's own operands: x and the output gradients are bf16.
+    let bf16: Vec<(&str, Product, bool)> = vec![
+        (
+            "x·Aᵀ [4096,4096]·[16,4096]ᵀ",
+            Product::dense(false, true, t, h, r),
+            true,
+        ),
+        (
+            "x·Aᵀ [4096,14336]·[16,14336]ᵀ",
+            Product::dense(false, true, t, f, r),
+            true,
+        ),
+        (
+            "g·B [4096,4096]·[4096,16]",
+            Product::dense(false, false, t, h, r),
+            true,
+        ),
+        (
+            "g·B [4096,14336]·[14336,16]",
+            Product::dense(false, false, t, f, r),
+            true,
+        ),
+        (
+            "A grad hᵀ·x → [16,4096]",
+            Product::dense(true, false, r, t, h),
+            false,
+        ),
+        (
+            "A grad hᵀ·x → [16,14336]",
+            Product::dense(true, false, r, t, f),
+            false,
+        ),
+        (
+            "B grad gᵀ·h → [1024,16]",
+            Product::dense(true, false, kv, t, r),
+            true,
+        ),
+        (
+            "B grad gᵀ·h → [4096,16]",
+            Product::dense(true, false, h, t, r),
+            true,
+        ),
+        (
+            "B grad gᵀ·h → [14336,16]",
+            Product::dense(true, false, f, t, r),
+            true,
+        ),
+    ];
+    for (what, p, big_is_a) in bf16 {
+        rows.push(
+            lora_8b_bf16(gpu, what, &p, &big, &small, big_is_a)
+                .unwrap_or_else(|e| failed(format!("skinny 8B bf16 {what}"), e.to_string())),
+        );
+    }
     gpu.trim_cache();
     rows
 }
@@ -622,10 +881,7 @@ pub fn skinny_checks(gpu: &CudaBackend, seed: u64) -> Vec<CheckRow> {
     let mut rows = layout_cases(gpu, &mut rng);
     rows.extend(bf16_big_cases(gpu, &mut rng));
     rows.extend(fused_product_exact(gpu, &mut rng));
-    rows.push(
-        deterministic(gpu, &mut rng)
-            .unwrap_or_else(|e| failed("skinny split-k determinism".into(), e.to_string())),
-    );
+    rows.extend(deterministic(gpu, &mut rng));
     rows.push(
         copy_bandwidth(gpu)
             .unwrap_or_else(|e| failed("skinny floor: device copy".into(), e.to_string())),

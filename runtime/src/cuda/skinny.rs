@@ -1,10 +1,10 @@
 //! f32 products with a side no longer than a LoRA rank, on kernels of our own (skinny.cu)
-//! instead of cuBLAS (notes/CUDA.md, "Skinny f32 products").
+//! instead of cuBLAS (notes/CUDA.md, "Skinny f32 products" and "Adapter products on tensor
+//! cores").
 //!
-//! A LoRA step's adapter products are f32 (PEFT's fp32 adapters; x is cast to f32), so they
-//! run as true f32 FMAs, not TF32. cuBLAS's f32 kernels spend 2–3× the time it takes to read
-//! the big operand once on them (H200). Three shapes occur, and each gets a kernel that
-//! streams its big side through memory once:
+//! A LoRA step's adapter products are f32 (PEFT's fp32 adapters). cuBLAS's f32 kernels spend
+//! 2–3× the time it takes to read the big operand once on them (H200). Three shapes occur,
+//! and each gets a kernel that streams its big side through memory once:
 //!
 //! * small n (`x·Aᵀ`, `g·B`, and the weight gradient `gᵀ·h`): C[m, n≤64] read from a big
 //!   A[m, k]; the k-range is split across blocks when the rows alone do not fill the GPU,
@@ -12,6 +12,11 @@
 //!   atomics: the same bits every run);
 //! * small m (`hᵀ·x`, the A gradient): the transpose of the above, C written transposed;
 //! * small k (`h·Bᵀ`, `dh·A`): an outer-product-like C[m, n] from k ≤ 64, bound by writing C.
+//!
+//! Arithmetic: a bf16 big operand (the LoRA step's x and gradients) and the small-k product
+//! run on bf16 tensor cores, each f32 operand split into three bf16 parts (3 MMAs a term
+//! with a bf16 operand, 6 with two f32 ones): f32-accurate (checked against the CPU at
+//! `check_skinny::TC_TOL`), not TF32. An f32 big operand (f32 training) runs one FMA a term.
 use super::gemm::Product;
 use super::launch::launch;
 use super::{cuda_err, CudaBackend};
@@ -38,8 +43,15 @@ pub const KERNEL_NAMES: &[&str] = &[
     "skinny_cols16_bf16",
     "skinny_cols32_bf16",
     "skinny_cols64_bf16",
+    "skinny_rows16_bf16_fma",
+    "skinny_rows32_bf16_fma",
+    "skinny_rows64_bf16_fma",
+    "skinny_cols16_bf16_fma",
+    "skinny_cols32_bf16_fma",
+    "skinny_cols64_bf16_fma",
     "skinny_sum_splits",
     "skinny_outer",
+    "skinny_outer_fma",
 ];
 
 /// The longest side a product may have to run here (the largest LoRA rank we tile for).
@@ -65,7 +77,8 @@ pub fn compile_skinny_kernels(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, 
 
 /// Shared memory of a small-n kernel: `stages` pipeline stages of an A tile (128 rows × 32
 /// k in the big operand's element type, rows padded by 16 bytes: `Stage` in skinny.cu) and
-/// an f32 B tile (32 k × `nb`). The kernel traps if a launch brings less.
+/// an f32 B tile (32 k × `nb`, rows padded by 4 floats in the tensor-core kernels). The
+/// kernel traps if a launch brings less.
 fn small_n_smem_bytes(kmajor: bool, nb: usize, stages: usize, big_bf16: bool) -> usize {
     let elem = if big_bf16 { 2 } else { 4 };
     let pad = 16 / elem;
@@ -74,24 +87,50 @@ fn small_n_smem_bytes(kmajor: bool, nb: usize, stages: usize, big_bf16: bool) ->
     } else {
         ROWS_PER_BLOCK * (K_TILE + pad)
     };
-    stages * (a_tile * elem + K_TILE * nb * std::mem::size_of::<f32>())
+    let b_row = if big_bf16 { nb + 4 } else { nb };
+    stages * (a_tile * elem + K_TILE * b_row * std::mem::size_of::<f32>())
 }
 
-/// The small-n kernels: name, whether the big operand is staged k-major, tile width,
-/// whether the big operand is bf16.
-const SMALL_N_KERNELS: [(&str, bool, usize, bool); 12] = [
-    ("skinny_rows16", false, 16, false),
-    ("skinny_rows32", false, 32, false),
-    ("skinny_rows64", false, 64, false),
-    ("skinny_cols16", true, 16, false),
-    ("skinny_cols32", true, 32, false),
-    ("skinny_cols64", true, 64, false),
-    ("skinny_rows16_bf16", false, 16, true),
-    ("skinny_rows32_bf16", false, 32, true),
-    ("skinny_rows64_bf16", false, 64, true),
-    ("skinny_cols16_bf16", true, 16, true),
-    ("skinny_cols32_bf16", true, 32, true),
-    ("skinny_cols64_bf16", true, 64, true),
+/// A small-n kernel: its name, whether the big operand is staged k-major, tile width,
+/// whether the big operand is bf16, and whether it sums with FMAs (the f32 kernels, and the
+/// bf16 ones the timing checks compare the tensor-core kernels with).
+struct SmallN {
+    name: &'static str,
+    kmajor: bool,
+    nb: usize,
+    big_bf16: bool,
+    fma: bool,
+}
+
+const fn small_n(name: &'static str, kmajor: bool, nb: usize, big_bf16: bool, fma: bool) -> SmallN {
+    SmallN {
+        name,
+        kmajor,
+        nb,
+        big_bf16,
+        fma,
+    }
+}
+
+const SMALL_N_KERNELS: [SmallN; 18] = [
+    small_n("skinny_rows16", false, 16, false, true),
+    small_n("skinny_rows32", false, 32, false, true),
+    small_n("skinny_rows64", false, 64, false, true),
+    small_n("skinny_cols16", true, 16, false, true),
+    small_n("skinny_cols32", true, 32, false, true),
+    small_n("skinny_cols64", true, 64, false, true),
+    small_n("skinny_rows16_bf16", false, 16, true, false),
+    small_n("skinny_rows32_bf16", false, 32, true, false),
+    small_n("skinny_rows64_bf16", false, 64, true, false),
+    small_n("skinny_cols16_bf16", true, 16, true, false),
+    small_n("skinny_cols32_bf16", true, 32, true, false),
+    small_n("skinny_cols64_bf16", true, 64, true, false),
+    small_n("skinny_rows16_bf16_fma", false, 16, true, true),
+    small_n("skinny_rows32_bf16_fma", false, 32, true, true),
+    small_n("skinny_rows64_bf16_fma", false, 64, true, true),
+    small_n("skinny_cols16_bf16_fma", true, 16, true, true),
+    small_n("skinny_cols32_bf16_fma", true, 32, true, true),
+    small_n("skinny_cols64_bf16_fma", true, 64, true, true),
 ];
 
 /// Pipeline depths a small-n kernel runs with (`stages` in skinny.cu), and the default: on
@@ -126,9 +165,9 @@ pub(crate) fn load(
             .load_function(name)
             .map_err(|e| cuda_err("cuda", &format!("kernel `{name}`"), e))?;
         // (stages, shared memory) pairs a small-n kernel may be launched with.
-        let sizes: Vec<(usize, usize)> = match SMALL_N_KERNELS.iter().find(|k| k.0 == *name) {
-            Some(&(_, kmajor, nb, big_bf16)) => STAGES
-                .map(|st| (st, small_n_smem_bytes(kmajor, nb, st, big_bf16)))
+        let sizes: Vec<(usize, usize)> = match SMALL_N_KERNELS.iter().find(|k| k.name == *name) {
+            Some(k) => STAGES
+                .map(|st| (st, small_n_smem_bytes(k.kmajor, k.nb, st, k.big_bf16)))
                 .collect(),
             None => Vec::new(),
         };
@@ -158,12 +197,14 @@ fn resident(kernel: &'static str, stages: usize) -> usize {
         .unwrap_or(DEFAULT_RESIDENT)
 }
 
-/// Knobs of the small-n kernels, for the timing checks: blocks a split product aims for
-/// (default: one wave) and pipeline stages (default `DEFAULT_STAGES`).
+/// Knobs of the kernels, for the timing checks: blocks a split product aims for (default:
+/// one wave), pipeline stages (default `DEFAULT_STAGES`), and `fma`: sum with one FMA a term
+/// where the default is the tensor cores (a bf16 big operand, the small-k product).
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Tuning {
     pub blocks: Option<usize>,
     pub stages: Option<usize>,
+    pub fma: bool,
 }
 
 /// `struct SkinnyArgs` of skinny.cu.
@@ -264,9 +305,9 @@ fn splits(rows: usize, batch: usize, k: usize, target: usize) -> (usize, usize) 
 impl CudaBackend {
     /// Runs an f32 product `route` accepted: `a`, `b`, `c` are device pointers to f32
     /// buffers laid out as `p` describes (`c` row-major [batch, m, n]), except that with
-    /// `big_bf16` the big operand (`a`, or `b` on `Route::SmallM`) holds bf16 values, widened
-    /// as they are read (same bits as on an f32 copy). `tuning` overrides the small-n
-    /// kernels' defaults (the timing checks).
+    /// `big_bf16` the big operand (`a`, or `b` on `Route::SmallM`) holds bf16 values (the
+    /// tensor-core kernels: f32-accurate, not the bits of the f32 kernels on a widened copy).
+    /// `tuning` overrides the small-n kernels' defaults (the timing checks).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn skinny_gemm(
         &self,
@@ -287,6 +328,9 @@ impl CudaBackend {
                 ));
             }
             let (s, cfg) = outer_launch(name, p)?;
+            if tuning.fma {
+                return launch!(self, "skinny_outer_fma", cfg; &a, &b, &c, &s);
+            }
             return launch!(self, "skinny_outer", cfg; &a, &b, &c, &s);
         }
         let mut s = small_n_args(p, route);
@@ -298,11 +342,15 @@ impl CudaBackend {
             17..=32 => 32,
             _ => 64,
         };
-        let (kernel, ..) = SMALL_N_KERNELS
+        // f32 big operands have FMA kernels only.
+        let fma = tuning.fma || !big_bf16;
+        let kernel = SMALL_N_KERNELS
             .iter()
-            .find(|k| k.1 == kmajor && k.2 == nb && k.3 == big_bf16)
-            .copied()
+            .find(|k| k.kmajor == kmajor && k.nb == nb && k.big_bf16 == big_bf16 && k.fma == fma)
+            .map(|k| k.name)
             .ok_or_else(|| KernelError::new(name, "no small-n kernel for this shape"))?;
+        // The tensor-core kernels too: 3 or 4 stages were no faster on the H200
+        // (notes/CUDA.md, "Adapter products on tensor cores").
         let stages = tuning.stages.unwrap_or(DEFAULT_STAGES);
         if !STAGES.contains(&stages) {
             return Err(KernelError::new(
