@@ -661,8 +661,9 @@ pub(crate) fn product_shape(op: &Op, operands: &[&CudaTensor]) -> Option<Product
 }
 
 /// An f32 product of a bf16 and an f32 operand (the simplify pass folds a LoRA step's
-/// `Cast(x → f32)` into the adapter products) run by the skinny kernels that widen the bf16
-/// big operand as they read it: the bits of the widened product, without the f32 copy.
+/// `Cast(x → f32)` into the adapter products) run by the skinny kernels that read the bf16
+/// big operand directly (tensor cores, the f32 side split in three bf16 parts): f32-accurate,
+/// without the f32 copy.
 /// False where they do not apply (then the caller widens).
 fn bf16_big_product(
     be: &CudaBackend,

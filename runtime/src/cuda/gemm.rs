@@ -7,7 +7,8 @@
 //! computed as `cᵀ = op(b)ᵀ·op(a)ᵀ`.
 //!
 //! f32 products with a side of at most a LoRA rank (`skinny::SMALL`) run on skinny.cu's
-//! kernels instead, also as true f32 (`skinny.rs` says why and how).
+//! kernels instead, f32-accurate (`skinny.rs` says why and how). Products with an
+//! accumulated operand run through cuBLASLt (`lt.rs`).
 use super::skinny::{self, Route, Tuning};
 use super::{cuda_err, CudaBackend};
 use crate::backend::KernelError;
@@ -216,9 +217,9 @@ impl CudaBackend {
     }
 
     /// An f32 product whose big operand is held as bf16 (`a_bf16` says which of `a`, `b`
-    /// that is), on skinny.cu's bf16 kernels: exactly the f32 product of the widened
-    /// operand, without the widened copy. `Ok(false)` where no such kernel applies (the
-    /// caller widens).
+    /// that is), on skinny.cu's bf16 kernels: the f32 operand split into three bf16 parts on
+    /// the tensor cores, f32-accurate (not bit-equal to the FMA product of a widened copy),
+    /// without the widened copy. `Ok(false)` where no such kernel applies (the caller widens).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn gemm_bf16_big<T, U>(
         &self,
