@@ -94,9 +94,13 @@ FUSED_TIMING = {32: [], 64: [], 128: []}
 WG_FWD = {64: ("flash_fwd_wg_d64", 2, 128), 128: ("flash_fwd_wg_d128", 2, 128)}
 WG_DQ = {64: ("flash_bwd_dq_wg_d64", 2, 64), 128: ("flash_bwd_dq_wg_d128", 2, 64)}
 WG_DKDV = {64: ("flash_bwd_dkdv_wg_d64", 2, 64), 128: ("flash_bwd_dkdv_wg_d128", 2, 64)}
-WG_FWD_VARIANTS = {64: [("flash_fwd_wg_d64_w3", 3, 128)], 128: [("flash_fwd_wg_d128_w3", 3, 128)]}
-WG_DQ_VARIANTS = {64: [("flash_bwd_dq_wg_d64_w1", 1, 64)], 128: [("flash_bwd_dq_wg_d128_w1", 1, 64)]}
-WG_DKDV_VARIANTS = {64: [("flash_bwd_dkdv_wg_d64_w1", 1, 64)],
+WG_FWD_VARIANTS = {64: [("flash_fwd_wg_d64_w3", 3, 128), ("flash_fwd_wg_d64_w1", 1, 128)],
+                   128: [("flash_fwd_wg_d128_w3", 3, 128)]}
+WG_DQ_VARIANTS = {64: [("flash_bwd_dq_wg_d64_w1", 1, 64), ("flash_bwd_dq_wg_d64_w1b", 1, 128),
+                       ("flash_bwd_dq_wg_d64_w1m4", 1, 64)],
+                  128: [("flash_bwd_dq_wg_d128_w1", 1, 64), ("flash_bwd_dq_wg_d128_w1b", 1, 128)]}
+WG_DKDV_VARIANTS = {64: [("flash_bwd_dkdv_wg_d64_w1", 1, 64), ("flash_bwd_dkdv_wg_d64_w1b", 1, 128),
+                         ("flash_bwd_dkdv_wg_d64_w1m3", 1, 64)],
                     128: [("flash_bwd_dkdv_wg_d128_w1", 1, 64)]}
 
 

@@ -379,17 +379,18 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
         const bool skip = k0 > r0 + 63 || (window > 0 && r0 - (k0 + BC - 1) >= window);
         if (!skip) {
             float s[NB][4], dp[NB][4];
+            // Two commit groups: P's exponentials run while dP = dO·Vᵀ is still in the tensor cores.
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk)
                 wgmma_ss<BC>(s, desc_k(sQ, BR, 64 * wg, kk), desc_k(sK + buf * KB, BC, 0, kk), kk > 0);
+            wg_commit();
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk)
                 wgmma_ss<BC>(dp, desc_k(sG, BR, 64 * wg, kk), desc_k(sV + buf * KB, BC, 0, kk), kk > 0);
             wg_commit();
-            wg_wait<0>();
+            wg_wait<1>();
             reg_fence<NB>(s);
-            reg_fence<NB>(dp);
             const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
@@ -398,10 +399,15 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
                     float dc;
                     const float x = score2(s[nb][e], sl2, sc, cl2, &dc);
                     const bool hid = mask && hidden(rows[e >> 1], k0 + nb * 8 + 2 * t4 + (e & 1), window);
-                    const float p = hid ? 0.0f : ex2(x - L[e >> 1]);
-                    s[nb][e] = p * (dp[nb][e] - Dl[e >> 1]) * dc;
+                    s[nb][e] = hid ? 0.0f : ex2(x - L[e >> 1]) * dc;  // P∘cap'
                 }
             }
+            wg_wait<0>();
+            reg_fence<NB>(dp);
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[nb][e] *= dp[nb][e] - Dl[e >> 1];
             u32 f[BC / 16][4];
             to_frags<BC / 16>(f, s);
             wg_fence();
@@ -498,41 +504,55 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
             const float* L = (const float*)(gen + (2 * buf) * BQ * 4);
             const float* Dl = L + BQ;
             float st[NB][4], dpt[NB][4];
+            // Three overlaps in one warpgroup: Pᵀ's exponentials while dPᵀ = V·dOᵀ runs, dSᵀ
+            // while dV += Pᵀ·dO runs (commit groups complete in order).
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk)
                 wgmma_ss<BQ>(st, desc_k(sK, BK, 64 * wg, kk), desc_k(q_t, BQ, 0, kk), kk > 0);
+            wg_commit();
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk)
                 wgmma_ss<BQ>(dpt, desc_k(sV, BK, 64 * wg, kk), desc_k(g_t, BQ, 0, kk), kk > 0);
             wg_commit();
-            wg_wait<0>();
+            wg_wait<1>();
             reg_fence<NB>(st);
-            reg_fence<NB>(dpt);
             const bool mask = i0 + BQ > T || w0 + 15 > i0 || (window > 0 && i0 + BQ - 1 - w0 >= window);
             u32 pf[BQ / 16][4], df[BQ / 16][4];
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
-                    float p[2], ds[2];
+                    float p[2];
 #pragma unroll
                     for (int e = 0; e < 2; ++e) {
                         const int c = nb * 8 + 2 * t4 + e, i = i0 + c;
                         float dc;
                         const float x = score2(st[nb][2 * half + e], sl2, sc, cl2, &dc);
                         const bool hid = mask && (i >= T || hidden(i, keys[half], window));
-                        // dSᵀ from Pᵀ rounded to bf16, as the dV product sees it.
+                        // dSᵀ from Pᵀ rounded to bf16, as the dV product sees it (flash_bwd_dkdv).
                         p[e] = hid ? 0.0f : bf16_f32((u16)(pack_bf16(ex2(x - L[c]), 0.0f) & 0xffff));
-                        ds[e] = p[e] * (dpt[nb][2 * half + e] - Dl[c]) * dc;
+                        st[nb][2 * half + e] = p[e] * dc;
                     }
                     pf[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(p[0], p[1]);
-                    df[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(ds[0], ds[1]);
                 }
             }
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < BQ / 16; ++kk) wgmma_rs<D>(dv, pf[kk], desc_mn(g_t, BQ, kk), 1);
+            wg_commit();
+            wg_wait<1>();
+            reg_fence<NB>(dpt);
+#pragma unroll
+            for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int c = nb * 8 + 2 * t4;
+                    df[nb >> 1][(nb & 1) * 2 + half] = pack_bf16(st[nb][2 * half] * (dpt[nb][2 * half] - Dl[c]),
+                                                                 st[nb][2 * half + 1] * (dpt[nb][2 * half + 1] - Dl[c + 1]));
+                }
+            }
+            wg_fence();
 #pragma unroll
             for (int kk = 0; kk < BQ / 16; ++kk) wgmma_rs<D>(dk, df[kk], desc_mn(q_t, BQ, kk), 1);
             wg_commit();
@@ -549,25 +569,25 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
 }
 
 // ---------------------------------------------------------------------------------------------
-// Entry points (flash.rs `WgTiles`, scripts/flash_check.py `WG`), 128·NWG threads each, shared
-// memory 1024 (alignment) plus
+// Entry points (flash.rs `WgTiles`, scripts/flash_check.py `WG_*`): 128·NWG threads, at least MINB
+// CTAs per SM (register cap), shared memory 1024 (alignment) plus
 //   fwd_wg:  grid ceil(T / 64NWG)·nh,           (64NWG + 4BC)·D·2
 //   dq_wg:   grid ceil(T / 64NWG)·nh,           (128NWG + 4BC)·D·2
 //   dkdv_wg: grid ceil(T / 64NWG)·nkv·nsplit,   (128NWG + 4BQ)·D·2 + 16BQ
-#define FWD_WG(name, D, NWG, BC)                                                                               \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) name(                                           \
+#define FWD_WG(name, D, NWG, BC, MINB)                                                                               \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB) name(                                           \
         const u16* q, const u16* k, const u16* v, u16* o, float* lse, int T, int nh, int nkv, int d,          \
         float scale, int window, float cap) {                                                                  \
         flash_fwd_wg<D, NWG, BC>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                          \
     }
-#define DQ_WG(name, D, NWG, BC)                                                                                \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) name(                                           \
+#define DQ_WG(name, D, NWG, BC, MINB)                                                                                \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB) name(                                           \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, int T, int nh, int nkv, int d, float scale, int window, float cap) {                        \
         flash_bwd_dq_wg<D, NWG, BC>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);         \
     }
-#define DKDV_WG(name, D, NWG, BQ)                                                                              \
-    extern "C" __global__ void __launch_bounds__(128 * NWG, 1) name(                                           \
+#define DKDV_WG(name, D, NWG, BQ, MINB)                                                                              \
+    extern "C" __global__ void __launch_bounds__(128 * NWG, MINB) name(                                           \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, float* part, int nsplit, int T, int nh, int nkv, int d, float scale, int window,            \
         float cap) {                                                                                           \
@@ -575,16 +595,22 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
                                       window, cap);                                                            \
     }
 
-FWD_WG(flash_fwd_wg_d64, 64, 2, 128)
-FWD_WG(flash_fwd_wg_d128, 128, 2, 128)
-DQ_WG(flash_bwd_dq_wg_d64, 64, 2, 64)
-DQ_WG(flash_bwd_dq_wg_d128, 128, 2, 64)
-DKDV_WG(flash_bwd_dkdv_wg_d64, 64, 2, 64)
-DKDV_WG(flash_bwd_dkdv_wg_d128, 128, 2, 64)
+FWD_WG(flash_fwd_wg_d64, 64, 2, 128, 1)
+FWD_WG(flash_fwd_wg_d128, 128, 2, 128, 1)
+DQ_WG(flash_bwd_dq_wg_d64, 64, 2, 64, 1)
+DQ_WG(flash_bwd_dq_wg_d128, 128, 2, 64, 1)
+DKDV_WG(flash_bwd_dkdv_wg_d64, 64, 2, 64, 1)
+DKDV_WG(flash_bwd_dkdv_wg_d128, 128, 2, 64, 1)
 // Candidates timed by flash_check.py --variants.
-FWD_WG(flash_fwd_wg_d128_w3, 128, 3, 128)
-FWD_WG(flash_fwd_wg_d64_w3, 64, 3, 128)
-DQ_WG(flash_bwd_dq_wg_d128_w1, 128, 1, 64)
-DQ_WG(flash_bwd_dq_wg_d64_w1, 64, 1, 64)
-DKDV_WG(flash_bwd_dkdv_wg_d128_w1, 128, 1, 64)
-DKDV_WG(flash_bwd_dkdv_wg_d64_w1, 64, 1, 64)
+FWD_WG(flash_fwd_wg_d128_w3, 128, 3, 128, 1)
+FWD_WG(flash_fwd_wg_d64_w3, 64, 3, 128, 1)
+FWD_WG(flash_fwd_wg_d64_w1, 64, 1, 128, 1)
+DQ_WG(flash_bwd_dq_wg_d128_w1, 128, 1, 64, 1)
+DQ_WG(flash_bwd_dq_wg_d128_w1b, 128, 1, 128, 1)
+DQ_WG(flash_bwd_dq_wg_d64_w1, 64, 1, 64, 1)
+DQ_WG(flash_bwd_dq_wg_d64_w1b, 64, 1, 128, 1)
+DQ_WG(flash_bwd_dq_wg_d64_w1m4, 64, 1, 64, 4)
+DKDV_WG(flash_bwd_dkdv_wg_d128_w1, 128, 1, 64, 1)
+DKDV_WG(flash_bwd_dkdv_wg_d64_w1, 64, 1, 64, 1)
+DKDV_WG(flash_bwd_dkdv_wg_d64_w1m3, 64, 1, 64, 3)
+DKDV_WG(flash_bwd_dkdv_wg_d64_w1b, 64, 1, 128, 1)
