@@ -595,22 +595,14 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
                                       window, cap);                                                            \
     }
 
-FWD_WG(flash_fwd_wg_d64, 64, 2, 128, 1)
-FWD_WG(flash_fwd_wg_d128, 128, 2, 128, 1)
-DQ_WG(flash_bwd_dq_wg_d64, 64, 2, 64, 1)
+// Measured on an H200 (notes/CUDA.md; T = 4096, 32/8 heads, causal; ms): D = 64 with one
+// warpgroup per CTA — forward 0.303 (two warpgroups 0.407, three 0.365), dQ at 4 CTAs per SM
+// 0.337 (two warpgroups 0.471, key tile 128 0.409), dK/dV at 3 CTAs per SM 0.713 (two
+// warpgroups 0.977, query tile 128 0.953); D = 128 — forward with three warpgroups 0.497 (two
+// 0.557), dQ 0.625 (one warpgroup 0.630, key tile 128 0.908), dK/dV 1.160 (one 1.190).
+FWD_WG(flash_fwd_wg_d64, 64, 1, 128, 1)
+FWD_WG(flash_fwd_wg_d128, 128, 3, 128, 1)
+DQ_WG(flash_bwd_dq_wg_d64, 64, 1, 64, 4)
 DQ_WG(flash_bwd_dq_wg_d128, 128, 2, 64, 1)
-DKDV_WG(flash_bwd_dkdv_wg_d64, 64, 2, 64, 1)
+DKDV_WG(flash_bwd_dkdv_wg_d64, 64, 1, 64, 3)
 DKDV_WG(flash_bwd_dkdv_wg_d128, 128, 2, 64, 1)
-// Candidates timed by flash_check.py --variants.
-FWD_WG(flash_fwd_wg_d128_w3, 128, 3, 128, 1)
-FWD_WG(flash_fwd_wg_d64_w3, 64, 3, 128, 1)
-FWD_WG(flash_fwd_wg_d64_w1, 64, 1, 128, 1)
-DQ_WG(flash_bwd_dq_wg_d128_w1, 128, 1, 64, 1)
-DQ_WG(flash_bwd_dq_wg_d128_w1b, 128, 1, 128, 1)
-DQ_WG(flash_bwd_dq_wg_d64_w1, 64, 1, 64, 1)
-DQ_WG(flash_bwd_dq_wg_d64_w1b, 64, 1, 128, 1)
-DQ_WG(flash_bwd_dq_wg_d64_w1m4, 64, 1, 64, 4)
-DKDV_WG(flash_bwd_dkdv_wg_d128_w1, 128, 1, 64, 1)
-DKDV_WG(flash_bwd_dkdv_wg_d64_w1, 64, 1, 64, 1)
-DKDV_WG(flash_bwd_dkdv_wg_d64_w1m3, 64, 1, 64, 3)
-DKDV_WG(flash_bwd_dkdv_wg_d64_w1b, 64, 1, 128, 1)
