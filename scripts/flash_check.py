@@ -97,9 +97,8 @@ WG_DKDV = {64: ("flash_bwd_dkdv_wg_d64", 1, 64), 128: ("flash_bwd_dkdv_wg_d128",
 # Candidates (FWD_WG / DQ_WG / DKDV_WG instantiations added to flash_wgmma.cu), checked and
 # timed with --variants. Empty: those of 2026-12-01 (notes/CUDA.md) lost and were removed.
 WG_FWD_VARIANTS = {64: [], 128: []}
-WG_DQ_VARIANTS = {64: [("flash_bwd_dq_wg_d64_b3", 1, 64, 3)], 128: [("flash_bwd_dq_wg_d128_b3", 2, 64, 3)]}
-WG_DKDV_VARIANTS = {64: [("flash_bwd_dkdv_wg_d64_b3", 1, 64, 3)],
-                    128: [("flash_bwd_dkdv_wg_d128_b3", 2, 64, 3)]}
+WG_DQ_VARIANTS = {64: [], 128: []}
+WG_DKDV_VARIANTS = {64: [], 128: []}
 
 
 def wg_width(d):
@@ -126,24 +125,21 @@ def bwd_wg(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None,
     nkv = k.shape[1]
     D = wg_width(d)
     if which == "dq":
-        name, NWG, BC, *nbuf = var or WG_DQ[D]
-        nbuf = nbuf[0] if nbuf else 2
+        name, NWG, BC = var or WG_DQ[D]
         b = 64 * NWG
         args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
             T, nh, nkv, d, scale, window, cap)
-        launch(name, (math.ceil(T / b) * nh,), 128 * NWG, 1024 + (2 * b + 2 * nbuf * BC) * D * 2,
-               args)
+        launch(name, (math.ceil(T / b) * nh,), 128 * NWG, 1024 + (2 * b + 4 * BC) * D * 2, args)
         return
     nsplit = nsplit or dkdv_splits(T, nh, nkv, d)
     if nsplit > 1 and part is None:
         part = torch.empty(nsplit, T, 2 * nkv * d, dtype=torch.float32, device=q.device)
     args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
             np.int32(nsplit)) + common(T, nh, nkv, d, scale, window, cap)
-    name, NWG, BQ, *nbuf = var or WG_DKDV[D]
-    nbuf = nbuf[0] if nbuf else 2
+    name, NWG, BQ = var or WG_DKDV[D]
     b = 64 * NWG
     launch(name, (math.ceil(T / b) * nkv * nsplit,), 128 * NWG,
-           1024 + (2 * b + 2 * nbuf * BQ) * D * 2 + 8 * nbuf * BQ, args)
+           1024 + (2 * b + 4 * BQ) * D * 2 + 16 * BQ, args)
     if nsplit > 1:
         launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
                (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),

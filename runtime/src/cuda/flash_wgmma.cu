@@ -327,7 +327,7 @@ __device__ __forceinline__ void flash_fwd_wg(const u16* __restrict__ q, const u1
 // dQ: one CTA per (query block of 64·NWG rows, head), the forward's layout. Per key tile:
 // S = Q·Kᵀ and dP = dO·Vᵀ (SS, issued together), P = exp2(S₂ − lse), dS = P∘(dP − delta)∘cap',
 // dQ += dS·K (RS, K as MN-major B); dQ·scale at the end.
-template <int D, int NWG, int BC, int NBUF>
+template <int D, int NWG, int BC>
 __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const u16* __restrict__ k,
                                                 const u16* __restrict__ v, const u16* __restrict__ go,
                                                 const float* __restrict__ lse, const float* __restrict__ delta,
@@ -335,7 +335,7 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
                                                 int window, float cap) {
     constexpr int BR = 64 * NWG, NT = 128 * NWG, NB = BC / 8, NO = D / 8, KS = D / 16;
     constexpr u32 QB = BR * D * 2, KB = BC * D * 2;
-    const u32 sQ = wg_smem_base(), sG = sQ + QB, sK = sG + QB, sV = sK + NBUF * KB;
+    const u32 sQ = wg_smem_base(), sG = sQ + QB, sK = sG + QB, sV = sK + 2 * KB;
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
     const int nqb = (T + BR - 1) / BR, h = blockIdx.x % nh, kh = h / (nh / nkv);
@@ -363,33 +363,17 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
     float dq[NO][4];
 #pragma unroll
     for (int i = 0; i < NO; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
-    u32 f[BC / 16][4];
 
     for (int kt = kt0; kt < kt1; ++kt) {
-        const int buf = (kt - kt0) % NBUF;
-        if constexpr (NBUF == 2) {
-            if (kt + 1 < kt1) {
-                load_sw<BC, D, NT>(sK + (buf ^ 1) * KB, kp, (kt + 1) * BC, T, ks, d, tid);
-                load_sw<BC, D, NT>(sV + (buf ^ 1) * KB, vp, (kt + 1) * BC, T, ks, d, tid);
-            }
-            cp_commit();
-            cp_wait<1>();
-            fence_async_shared();
-            __syncthreads();
-        } else {
-            // Three buffers: the previous tile's dQ += dS·K may still run (it is waited for with
-            // this tile's S); the buffer loaded here was last read two tiles ago, finished by
-            // every warpgroup before this barrier.
-            cp_wait<0>();
-            fence_async_shared();
-            __syncthreads();
-            if (kt + 1 < kt1) {
-                const int nb = (kt + 1 - kt0) % NBUF;
-                load_sw<BC, D, NT>(sK + nb * KB, kp, (kt + 1) * BC, T, ks, d, tid);
-                load_sw<BC, D, NT>(sV + nb * KB, vp, (kt + 1) * BC, T, ks, d, tid);
-            }
-            cp_commit();
+        const int buf = (kt - kt0) & 1;
+        if (kt + 1 < kt1) {
+            load_sw<BC, D, NT>(sK + (buf ^ 1) * KB, kp, (kt + 1) * BC, T, ks, d, tid);
+            load_sw<BC, D, NT>(sV + (buf ^ 1) * KB, vp, (kt + 1) * BC, T, ks, d, tid);
         }
+        cp_commit();
+        cp_wait<1>();
+        fence_async_shared();
+        __syncthreads();
 
         const int k0 = kt * BC;
         const bool skip = k0 > r0 + 63 || (window > 0 && r0 - (k0 + BC - 1) >= window);
@@ -407,7 +391,6 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
             wg_commit();
             wg_wait<1>();
             reg_fence<NB>(s);
-            reg_fence<BC / 16>(f);
             const bool mask = k0 + BC - 1 > w0 || (window > 0 && w0 + 15 - k0 >= window);
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
@@ -425,24 +408,18 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
             for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) s[nb][e] *= dp[nb][e] - Dl[e >> 1];
+            u32 f[BC / 16][4];
             to_frags<BC / 16>(f, s);
             wg_fence();
 #pragma unroll
             for (int kk = 0; kk < BC / 16; ++kk) wgmma_rs<D>(dq, f[kk], desc_mn(sK + buf * KB, BC, kk), 1);
             wg_commit();
-            if constexpr (NBUF == 2) {
-                wg_wait<0>();
-                reg_fence<NO>(dq);
-                reg_fence<BC / 16>(f);
-            }
-        } else if constexpr (NBUF > 2) {
-            wg_wait<0>();  // the buffer of the last product is reloaded next iteration
+            wg_wait<0>();
+            reg_fence<NO>(dq);
+            reg_fence<BC / 16>(f);
         }
-        if constexpr (NBUF == 2) __syncthreads();
+        __syncthreads();
     }
-    wg_wait<0>();
-    reg_fence<NO>(dq);
-    reg_fence<BC / 16>(f);
 
     const long long os = (long long)(nh + 2 * nkv) * d;
 #pragma unroll
@@ -464,7 +441,7 @@ __device__ __forceinline__ void flash_bwd_dq_wg(const u16* __restrict__ q, const
 // tile of BQ rows (double-buffered with its lse and delta): Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ (SS,
 // issued together), Pᵀ = exp2(Sᵀ₂ − lse), dSᵀ = Pᵀ∘(dPᵀ − delta)∘cap' from Pᵀ rounded to bf16 (as
 // flash_bwd_dkdv), then dV += Pᵀ·dO and dK += dSᵀ·Q (RS, dO and Q as MN-major B).
-template <int D, int NWG, int BQ, int NBUF>
+template <int D, int NWG, int BQ>
 __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, const u16* __restrict__ k,
                                                   const u16* __restrict__ v, const u16* __restrict__ go,
                                                   const float* __restrict__ lse, const float* __restrict__ delta,
@@ -472,7 +449,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
                                                   int nh, int nkv, int d, float scale, int window, float cap) {
     constexpr int BK = 64 * NWG, NT = 128 * NWG, NB = BQ / 8, NO = D / 8, KS = D / 16;
     constexpr u32 KB = BK * D * 2, QB = BQ * D * 2;
-    const u32 sK = wg_smem_base(), sV = sK + KB, sQ = sV + KB, sG = sQ + NBUF * QB, sS = sG + NBUF * QB;
+    const u32 sK = wg_smem_base(), sV = sK + KB, sQ = sV + KB, sG = sQ + 2 * QB, sS = sG + 2 * QB;
     // lse then delta, per buffer: sS + (2b + 0|1) * BQ * 4.
     const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
     const float sl2 = scale * LOG2E, sc = cap > 0.0f ? scale / cap : 0.0f, cl2 = cap > 0.0f ? cap * LOG2E : 0.0f;
@@ -511,26 +488,13 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
     extern __shared__ __align__(16) unsigned char wg_smem[];
     const unsigned char* gen = wg_smem + (sS - smem_u32(wg_smem));  // generic pointer to the statistics
 
-    u32 pf[BQ / 16][4], df[BQ / 16][4];
-
     for (int it = 0; it < total; ++it) {
-        const int buf = it % NBUF;
-        if constexpr (NBUF == 2) {
-            if (it + 1 < total) load_q(it + 1, buf ^ 1);
-            cp_commit();
-            cp_wait<1>();
-            fence_async_shared();
-            __syncthreads();
-        } else {
-            // Three buffers: the previous tile's dV and dK products may still run (they are
-            // waited for with this tile's Sᵀ); the buffer loaded here was last read two tiles
-            // ago, finished by every warpgroup before this barrier.
-            cp_wait<0>();
-            fence_async_shared();
-            __syncthreads();
-            if (it + 1 < total) load_q(it + 1, (it + 1) % NBUF);
-            cp_commit();
-        }
+        const int buf = it & 1;
+        if (it + 1 < total) load_q(it + 1, buf ^ 1);
+        cp_commit();
+        cp_wait<1>();
+        fence_async_shared();
+        __syncthreads();
 
         const int i0 = (qt0 + it % nq) * BQ;
         // Every query of the tile before this warpgroup's keys, or all of them past the window.
@@ -553,9 +517,8 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
             wg_commit();
             wg_wait<1>();
             reg_fence<NB>(st);
-            reg_fence<BQ / 16>(pf);
-            reg_fence<BQ / 16>(df);
             const bool mask = i0 + BQ > T || w0 + 15 > i0 || (window > 0 && i0 + BQ - 1 - w0 >= window);
+            u32 pf[BQ / 16][4], df[BQ / 16][4];
 #pragma unroll
             for (int nb = 0; nb < NB; ++nb) {
 #pragma unroll
@@ -593,17 +556,14 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
 #pragma unroll
             for (int kk = 0; kk < BQ / 16; ++kk) wgmma_rs<D>(dk, df[kk], desc_mn(q_t, BQ, kk), 1);
             wg_commit();
-            if constexpr (NBUF == 2) wg_wait<0>();
-        } else if constexpr (NBUF > 2) {
-            wg_wait<0>();  // the buffer of the last products is reloaded next iteration
+            wg_wait<0>();
+            reg_fence<NO>(dv);
+            reg_fence<NO>(dk);
+            reg_fence<BQ / 16>(pf);
+            reg_fence<BQ / 16>(df);
         }
-        if constexpr (NBUF == 2) __syncthreads();
+        __syncthreads();
     }
-    wg_wait<0>();
-    reg_fence<NO>(dv);
-    reg_fence<NO>(dk);
-    reg_fence<BQ / 16>(pf);
-    reg_fence<BQ / 16>(df);
 
     dkdv_store<D>(dk, dv, keys, part, nsplit, split, dqkv, T, nh, nkv, kh, d, scale, t4);
 }
@@ -620,18 +580,18 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
         float scale, int window, float cap) {                                                                  \
         flash_fwd_wg<D, NWG, BC>(q, k, v, o, lse, T, nh, nkv, d, scale, window, cap);                          \
     }
-#define DQ_WG(name, D, NWG, BC, NBUF, MINB)                                                                                \
+#define DQ_WG(name, D, NWG, BC, MINB)                                                                                \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB) name(                                           \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, int T, int nh, int nkv, int d, float scale, int window, float cap) {                        \
-        flash_bwd_dq_wg<D, NWG, BC, NBUF>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);         \
+        flash_bwd_dq_wg<D, NWG, BC>(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale, window, cap);         \
     }
-#define DKDV_WG(name, D, NWG, BQ, NBUF, MINB)                                                                              \
+#define DKDV_WG(name, D, NWG, BQ, MINB)                                                                              \
     extern "C" __global__ void __launch_bounds__(128 * NWG, MINB) name(                                           \
         const u16* q, const u16* k, const u16* v, const u16* go, const float* lse, const float* delta,         \
         u16* dqkv, float* part, int nsplit, int T, int nh, int nkv, int d, float scale, int window,            \
         float cap) {                                                                                           \
-        flash_bwd_dkdv_wg<D, NWG, BQ, NBUF>(q, k, v, go, lse, delta, dqkv, part, nsplit, T, nh, nkv, d, scale,       \
+        flash_bwd_dkdv_wg<D, NWG, BQ>(q, k, v, go, lse, delta, dqkv, part, nsplit, T, nh, nkv, d, scale,       \
                                       window, cap);                                                            \
     }
 
@@ -642,12 +602,7 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
 // 0.557), dQ 0.625 (one warpgroup 0.630, key tile 128 0.908), dK/dV 1.160 (one 1.190).
 FWD_WG(flash_fwd_wg_d64, 64, 1, 128, 1)
 FWD_WG(flash_fwd_wg_d128, 128, 3, 128, 1)
-DQ_WG(flash_bwd_dq_wg_d64, 64, 1, 64, 2, 4)
-DQ_WG(flash_bwd_dq_wg_d128, 128, 2, 64, 2, 1)
-DKDV_WG(flash_bwd_dkdv_wg_d64, 64, 1, 64, 2, 3)
-DKDV_WG(flash_bwd_dkdv_wg_d128, 128, 2, 64, 2, 1)
-// Candidates: three buffers (the last products overlap the next tile's barrier and products).
-DQ_WG(flash_bwd_dq_wg_d64_b3, 64, 1, 64, 3, 3)
-DQ_WG(flash_bwd_dq_wg_d128_b3, 128, 2, 64, 3, 1)
-DKDV_WG(flash_bwd_dkdv_wg_d64_b3, 64, 1, 64, 3, 3)
-DKDV_WG(flash_bwd_dkdv_wg_d128_b3, 128, 2, 64, 3, 1)
+DQ_WG(flash_bwd_dq_wg_d64, 64, 1, 64, 4)
+DQ_WG(flash_bwd_dq_wg_d128, 128, 2, 64, 1)
+DKDV_WG(flash_bwd_dkdv_wg_d64, 64, 1, 64, 3)
+DKDV_WG(flash_bwd_dkdv_wg_d128, 128, 2, 64, 1)
