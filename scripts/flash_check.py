@@ -47,7 +47,8 @@ def build_cubin(out):
     from cuda.bindings import nvrtc
     src = SRC + open(CU_WG).read()
     _, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"flash_attn.cu", 0, [], [])
-    opts = [b"--gpu-architecture=sm_90a", b"-lineinfo", b"--ptxas-options=-v"]
+    opts = [b"--gpu-architecture=sm_90a", b"-lineinfo", b"--ptxas-options=-v",
+            b"-DFLASH_WG_CANDIDATES"]
     res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
     _, n = nvrtc.nvrtcGetProgramLogSize(prog)
     log = b" " * n
@@ -91,13 +92,13 @@ FUSED_WARPS = {32: 4, 64: 4, 128: 8}
 FUSED_VARIANTS = {32: [], 64: [], 128: []}
 FUSED_TIMING = {32: [], 64: [], 128: []}
 # wgmma kernels (flash_wgmma.cu), as flash.rs `WgTiles`: (entry, warpgroups, key or query tile).
-WG_FWD = {64: ("flash_fwd_wg_d64", 1, 128), 128: ("flash_fwd_wg_d128", 3, 128)}
-WG_DQ = {64: ("flash_bwd_dq_wg_d64", 1, 64), 128: ("flash_bwd_dq_wg_d128", 2, 64)}
+WG_FWD = {64: ("flash_fwd_wg_d64", 1, 128), 128: ("flash_fwd_wg_d128", 2, 64)}
+WG_DQ = {64: ("flash_bwd_dq_wg_d64", 2, 64), 128: ("flash_bwd_dq_wg_d128", 3, 64)}
 WG_DKDV = {64: ("flash_bwd_dkdv_wg_d64", 1, 64), 128: ("flash_bwd_dkdv_wg_d128", 2, 64)}
-# Candidates (FWD_WG / DQ_WG / DKDV_WG instantiations added to flash_wgmma.cu), checked and
-# timed with --variants. Empty: those of 2026-12-01 (notes/CUDA.md) lost and were removed.
-WG_FWD_VARIANTS = {64: [], 128: []}
-WG_DQ_VARIANTS = {64: [], 128: []}
+# Candidates (instantiations under FLASH_WG_CANDIDATES at the end of flash_wgmma.cu, which
+# --build-cubin defines), checked and timed with --variants; notes/CUDA.md has earlier ones.
+WG_FWD_VARIANTS = {64: [], 128: [("flash_fwd_wg_d128_c1", 4, 64)]}
+WG_DQ_VARIANTS = {64: [("flash_bwd_dq_wg_d64_c1", 3, 64)], 128: [("flash_bwd_dq_wg_d128_c1", 4, 64)]}
 WG_DKDV_VARIANTS = {64: [], 128: []}
 
 

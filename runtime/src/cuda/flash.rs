@@ -198,10 +198,10 @@ const WG_WIDTHS: [usize; 2] = [64, 128];
 /// Launch geometry of the wgmma kernels of one padded width, as the instantiations at the end
 /// of flash_wgmma.cu (which must match). A warpgroup (128 threads) owns 64 query rows (forward,
 /// dQ) or 64 keys (dK/dV). Measured on an H200 (notes/CUDA.md, T = 4096, 32/8 heads, causal):
-/// at D = 64 one warpgroup per CTA (more CTAs per SM to overlap one's softmax with another's
-/// products) beat two by 1.3× (forward), 1.4× (dQ, with 4 CTAs per SM) and 1.4× (dK/dV, with
-/// 3); at D = 128 three forward warpgroups beat two by 1.12×, and the backward kernels tie at
-/// one or two.
+/// more warpgroups per SM (one's softmax overlaps another's products) won wherever the
+/// registers allowed — D = 128: forward 2 warpgroups × 2 CTAs/SM with 64-key tiles, 1.18× over
+/// 3 warpgroups with 128-key tiles; dQ 3 warpgroups, 1.16× over 2; D = 64: forward and dK/dV
+/// one warpgroup per CTA (1.3× and 1.4× over two), dQ two at 2 CTAs/SM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct WgTiles {
     /// Padded head width `D`.
@@ -225,9 +225,9 @@ impl WgTiles {
         let narrow = width == 64;
         WgTiles {
             width,
-            fwd_groups: if narrow { 1 } else { 3 },
-            fwd_bc: 128,
-            dq_groups: if narrow { 1 } else { 2 },
+            fwd_groups: if narrow { 1 } else { 2 },
+            fwd_bc: if narrow { 128 } else { 64 },
+            dq_groups: if narrow { 2 } else { 3 },
             dq_bc: 64,
             dkdv_groups: if narrow { 1 } else { 2 },
             bq: 64,
@@ -990,8 +990,10 @@ mod tests {
                 assert!(smem <= 227 * 1024, "D = {w}: {smem} bytes");
             }
         }
-        // Three warpgroups of 64 rows, double-buffered 128-key K and V tiles, alignment.
-        assert_eq!(WgTiles::for_width(128).fwd_smem(), 1024 + (192 + 512) * 256);
+        // Two warpgroups of 64 rows, double-buffered 64-key K and V tiles, alignment: two
+        // CTAs fit an SM.
+        assert_eq!(WgTiles::for_width(128).fwd_smem(), 1024 + (128 + 256) * 256);
+        assert!(2 * WgTiles::for_width(128).fwd_smem() <= 227 * 1024);
     }
 
     #[test]
