@@ -97,8 +97,8 @@ WG_DQ = {64: ("flash_bwd_dq_wg_d64", 2, 64), 128: ("flash_bwd_dq_wg_d128", 3, 64
 WG_DKDV = {64: ("flash_bwd_dkdv_wg_d64", 1, 64), 128: ("flash_bwd_dkdv_wg_d128", 2, 64)}
 # Candidates (instantiations under FLASH_WG_CANDIDATES at the end of flash_wgmma.cu, which
 # --build-cubin defines), checked and timed with --variants; notes/CUDA.md has earlier ones.
-WG_FWD_VARIANTS = {64: [], 128: [("flash_fwd_wg_d128_c1", 4, 64)]}
-WG_DQ_VARIANTS = {64: [("flash_bwd_dq_wg_d64_c1", 3, 64)], 128: [("flash_bwd_dq_wg_d128_c1", 4, 64)]}
+WG_FWD_VARIANTS = {64: [], 128: []}
+WG_DQ_VARIANTS = {64: [], 128: []}
 WG_DKDV_VARIANTS = {64: [], 128: []}
 
 

@@ -597,11 +597,11 @@ __device__ __forceinline__ void flash_bwd_dkdv_wg(const u16* __restrict__ q, con
 
 // Measured on an H200 (notes/CUDA.md; T = 4096, 32/8 heads, causal; ms). D = 64: forward one
 // warpgroup, key tile 128: 0.300 (two warpgroups 0.407, three 0.365, key tile 64 0.305); dQ two
-// warpgroups, key tile 64, 2 CTAs/SM: 0.319 (one at 4 CTAs/SM 0.334, two at 1 CTA/SM 0.471);
+// warpgroups, key tile 64, 2 CTAs/SM: 0.319 (three 0.393, one at 4 CTAs/SM 0.334, two at 1 CTA/SM 0.471);
 // dK/dV one warpgroup at 3 CTAs/SM: 0.708 (two 0.977, query tile 128 0.953). D = 128: forward
-// two warpgroups, key tile 64, 2 CTAs/SM: 0.419 (three with key tile 128 0.496, key tile 64
-// 0.528); dQ three warpgroups: 0.540 (two 0.624, key tile 128 0.908); dK/dV two warpgroups:
-// 1.156 (one 1.190; 244 registers leave no room for more).
+// two warpgroups, key tile 64, 2 CTAs/SM: 0.419 (four 0.483, three with key tile 128 0.496, key
+// tile 64 0.528); dQ three warpgroups: 0.540 (two 0.624, four 1.241 with 368 bytes spilled,
+// key tile 128 0.908); dK/dV two warpgroups: 1.156 (one 1.190; 244 registers leave no room).
 FWD_WG(flash_fwd_wg_d64, 64, 1, 128, 1)
 FWD_WG(flash_fwd_wg_d128, 128, 2, 64, 2)
 DQ_WG(flash_bwd_dq_wg_d64, 64, 2, 64, 2)
@@ -611,7 +611,4 @@ DKDV_WG(flash_bwd_dkdv_wg_d128, 128, 2, 64, 1)
 // Candidates, compiled only where FLASH_WG_CANDIDATES is defined (flash_check.py --build-cubin),
 // checked and timed by flash_check.py --variants; flash.rs never loads them.
 #ifdef FLASH_WG_CANDIDATES
-FWD_WG(flash_fwd_wg_d128_c1, 128, 4, 64, 1)
-DQ_WG(flash_bwd_dq_wg_d128_c1, 128, 4, 64, 1)
-DQ_WG(flash_bwd_dq_wg_d64_c1, 64, 3, 64, 1)
 #endif
