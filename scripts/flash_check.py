@@ -3,7 +3,13 @@
 and their speed next to torch SDPA's flash backend. Runs on the device machine (a GPU, CuPy,
 PyTorch); no Rust needed: CuPy compiles the .cu with NVRTC, as flash.rs does.
 
-    python3 flash_check.py [--quick]
+    python3 flash_check.py [--quick] [--cubin flash_sm90a.cubin]
+    python3 flash_check.py --build-cubin flash_sm90a.cubin   # here, no GPU: NVRTC only
+
+On a compute capability 9.0 device flash.rs compiles flash_attn.cu and flash_wgmma.cu together
+for sm_90a and runs the wgmma kernels for 32 < d <= 128; --cubin loads that module (built
+beforehand with --build-cubin, through cuda.bindings' NVRTC, so CuPy's own -arch option plays
+no part) and checks and times the wgmma kernels next to the mma.sync ones.
 
 Launch geometry below mirrors flash.rs (`Tiles`) and the table at the end of flash_attn.cu.
 Every output buffer is filled with NaN first, so an element a kernel fails to write fails the
@@ -15,9 +21,12 @@ import os
 import sys
 import time
 
-import cupy as cp
-import numpy as np
-import torch
+try:
+    import cupy as cp
+    import numpy as np
+    import torch
+except ImportError:  # --build-cubin runs where there is NVRTC but no GPU stack
+    cp = np = torch = None
 
 TOL = 1e-2
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,8 +35,32 @@ CU = next(p for p in (os.path.join(HERE, "flash_attn.cu"),
                       os.path.join(HERE, "..", "runtime", "src", "cuda", "flash_attn.cu"))
           if os.path.exists(p))
 SRC = open(CU).read()
-MOD = cp.RawModule(code=SRC, backend="nvrtc", options=("-lineinfo",))
+CU_WG = os.path.join(os.path.dirname(CU), "flash_wgmma.cu")
+MOD = None
 FUNCS = {}
+# Set by --cubin: the module has the wgmma kernels (flash_wgmma.cu) too.
+WG = False
+
+
+def build_cubin(out):
+    """flash_attn.cu + flash_wgmma.cu for sm_90a, as flash.rs compiles them on a 9.0 device."""
+    from cuda.bindings import nvrtc
+    src = SRC + open(CU_WG).read()
+    _, prog = nvrtc.nvrtcCreateProgram(src.encode(), b"flash_attn.cu", 0, [], [])
+    opts = [b"--gpu-architecture=sm_90a", b"-lineinfo", b"--ptxas-options=-v",
+            b"-DFLASH_WG_CANDIDATES"]
+    res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)[0]
+    _, n = nvrtc.nvrtcGetProgramLogSize(prog)
+    log = b" " * n
+    nvrtc.nvrtcGetProgramLog(prog, log)
+    print(log.decode(errors="replace"))
+    if res != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        sys.exit(f"NVRTC failed: {res}")
+    _, n = nvrtc.nvrtcGetCUBINSize(prog)
+    buf = b" " * n
+    nvrtc.nvrtcGetCUBIN(prog, buf)
+    open(out, "wb").write(buf)
+    print(f"wrote {out} ({n} bytes)")
 
 
 def tiles(d):
@@ -58,6 +91,75 @@ FUSED_BQ = 64
 FUSED_WARPS = {32: 4, 64: 4, 128: 8}
 FUSED_VARIANTS = {32: [], 64: [], 128: []}
 FUSED_TIMING = {32: [], 64: [], 128: []}
+# wgmma kernels (flash_wgmma.cu), as flash.rs `WgTiles`: (entry, warpgroups, key or query tile).
+WG_FWD = {64: ("flash_fwd_wg_d64", 1, 128), 128: ("flash_fwd_wg_d128", 2, 64)}
+WG_DQ = {64: ("flash_bwd_dq_wg_d64", 2, 64), 128: ("flash_bwd_dq_wg_d128", 3, 64)}
+WG_DKDV = {64: ("flash_bwd_dkdv_wg_d64", 1, 64), 128: ("flash_bwd_dkdv_wg_d128", 2, 64)}
+# Candidates (instantiations under FLASH_WG_CANDIDATES at the end of flash_wgmma.cu, which
+# --build-cubin defines), checked and timed with --variants; notes/CUDA.md has earlier ones.
+WG_FWD_VARIANTS = {64: [], 128: []}
+WG_DQ_VARIANTS = {64: [], 128: []}
+WG_DKDV_VARIANTS = {64: [], 128: []}
+
+
+def wg_width(d):
+    """Padded width of the wgmma kernels for head dim d, None where they do not apply."""
+    return None if not WG or d <= 32 or d > 128 else 64 if d <= 64 else 128
+
+
+def flash_fwd_wg(q, k, v, scale, window, cap, lse=None, out=None, fv=None):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    D = wg_width(d)
+    name, NWG, BC = fv or WG_FWD[D]
+    o = out if out is not None else torch.full_like(q, float("nan"))
+    br = 64 * NWG
+    smem = 1024 + (br + 4 * BC) * D * 2
+    launch(name, (math.ceil(T / br) * nh,), 128 * NWG, smem,
+           (ptr(q), ptr(k), ptr(v), ptr(o), ptr(lse)) + common(T, nh, nkv, d, scale, window, cap))
+    return o
+
+
+def bwd_wg(which, q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=None, part=None,
+           var=None):
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    D = wg_width(d)
+    if which == "dq":
+        name, NWG, BC = var or WG_DQ[D]
+        b = 64 * NWG
+        args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv)) + common(
+            T, nh, nkv, d, scale, window, cap)
+        launch(name, (math.ceil(T / b) * nh,), 128 * NWG, 1024 + (2 * b + 4 * BC) * D * 2, args)
+        return
+    nsplit = nsplit or dkdv_splits(T, nh, nkv, d)
+    if nsplit > 1 and part is None:
+        part = torch.empty(nsplit, T, 2 * nkv * d, dtype=torch.float32, device=q.device)
+    args = (ptr(q), ptr(k), ptr(v), ptr(g), ptr(lse), ptr(delta), ptr(dqkv), ptr(part),
+            np.int32(nsplit)) + common(T, nh, nkv, d, scale, window, cap)
+    name, NWG, BQ = var or WG_DKDV[D]
+    b = 64 * NWG
+    launch(name, (math.ceil(T / b) * nkv * nsplit,), 128 * NWG,
+           1024 + (2 * b + 4 * BQ) * D * 2 + 16 * BQ, args)
+    if nsplit > 1:
+        launch("flash_bwd_dkdv_reduce", (math.ceil(T * 2 * nkv * d / 4 / 256),), 256, 0,
+               (ptr(part), ptr(dqkv), np.int32(T), np.int32(nh), np.int32(nkv), np.int32(d),
+                np.int32(nsplit), np.float32(scale)))
+
+
+def flash_bwd_wg(q, k, v, g, scale, window, cap, nsplit=None, qv=None, kv=None, fv=None):
+    """The wgmma backward: forward (wgmma) for O and lse, delta, dQ and dK/dV kernels."""
+    T, nh, d = q.shape
+    nkv = k.shape[1]
+    lse = torch.empty(nh, T, dtype=torch.float32, device=q.device)
+    delta = torch.empty(nh, T, dtype=torch.float32, device=q.device)
+    o = flash_fwd_wg(q, k, v, scale, window, cap, lse=lse, fv=fv)
+    launch("flash_bwd_delta", (math.ceil(T * nh / 8),), 256, 0,
+           (ptr(o), ptr(g), ptr(delta), np.int32(T), np.int32(nh), np.int32(d)))
+    dqkv = torch.full((T, nh + 2 * nkv, d), float("nan"), dtype=q.dtype, device=q.device)
+    bwd_wg("dq", q, k, v, g, lse, delta, dqkv, scale, window, cap, var=qv)
+    bwd_wg("dkdv", q, k, v, g, lse, delta, dqkv, scale, window, cap, nsplit=nsplit, var=kv)
+    return dqkv
 
 
 def fwd_default(d):
@@ -250,13 +352,25 @@ def check(T, nh, nkv, d, window=None, cap=None, amp=1.0, seed=0, variants=False)
         runs += [(kv[0], o, dict(kv=kv)) for kv in DKDV_VARIANTS[D]]
         if not window:
             runs += [(uv[0], o, dict(fused=True, uv=uv)) for uv in FUSED_VARIANTS[D]]
+    D = wg_width(d)
+    if D:
+        o_wg = flash_fwd_wg(q, k, v, scale, window, cap)
+        runs += [(f"wgmma nsplit={s}", o_wg, dict(wg=True, nsplit=s))
+                 for s in range(1, group + 1) if group % s == 0]
+        if variants:
+            runs += [(fv[0], flash_fwd_wg(q, k, v, scale, window, cap, fv=fv), dict(wg=True, fv=fv))
+                     for fv in WG_FWD_VARIANTS[D]]
+            runs += [(qv[0], o_wg, dict(wg=True, qv=qv)) for qv in WG_DQ_VARIANTS[D]]
+            runs += [(kv[0], o_wg, dict(wg=True, kv=kv)) for kv in WG_DKDV_VARIANTS[D]]
     for what, out, kw in runs:
-        dqkv = flash_bwd(q, k, v, g, scale, window, cap, **kw)
+        kw = dict(kw)
+        bwd = flash_bwd_wg if kw.pop("wg", False) else flash_bwd
+        dqkv = bwd(q, k, v, g, scale, window, cap, **kw)
         # The fused kernel's dQ order rests on counters between CTAs: more runs, more chances
         # to catch a race.
         det = True
         for _ in range(5 if kw.get("fused") and T >= 4096 else 2 if kw.get("fused") else 1):
-            again = flash_bwd(q, k, v, g, scale, window, cap, **kw)
+            again = bwd(q, k, v, g, scale, window, cap, **kw)
             torch.cuda.synchronize()
             det &= torch.equal(dqkv.view(torch.int16), again.view(torch.int16))
         errs = [rel(out, ro), rel(dqkv[:, :nh], rq), rel(dqkv[:, nh:nh + nkv], rk),
@@ -334,6 +448,28 @@ def bench(T, nh, nkv, d, window=None, variants=False):
         line += (f" || SDPA flash: fwd {sf*1e3:.3f} ms {flops/sf/1e12:.0f} TFLOP/s, "
                  f"bwd {sb*1e3:.3f} ms {2.5*flops/sb/1e12:.0f} TFLOP/s")
     print(line, flush=True)
+    D = wg_width(d)
+    if D:
+        tfw = timed(lambda: flash_fwd_wg(q, k, v, scale, window, None))
+        lse_w = torch.empty_like(lse)
+        flash_fwd_wg(q, k, v, scale, window, None, lse=lse_w)
+        tq = timed(lambda: bwd_wg("dq", q, k, v, g, lse_w, delta, dqkv, scale, window, None))
+        tk = timed(lambda: bwd_wg("dkdv", q, k, v, g, lse_w, delta, dqkv, scale, window, None))
+        print(f"  wgmma: fwd {tfw*1e3:.3f} ms {flops/tfw/1e12:.0f} TFLOP/s | dq {tq*1e3:.3f} ms, "
+              f"dkdv+reduce {tk*1e3:.3f} ms, bwd with saved O/lse {(t_delta + tq + tk)*1e3:.3f} ms "
+              f"{2.5*flops/(t_delta + tq + tk)/1e12:.0f} TFLOP/s", flush=True)
+        if variants:
+            for fv in WG_FWD_VARIANTS[D]:
+                t = timed(lambda: flash_fwd_wg(q, k, v, scale, window, None, fv=fv))
+                print(f"  variant {fv[0]}: fwd {t*1e3:.3f} ms {flops/t/1e12:.0f} TFLOP/s", flush=True)
+            for qv in WG_DQ_VARIANTS[D]:
+                t = timed(lambda: bwd_wg("dq", q, k, v, g, lse_w, delta, dqkv, scale, window, None,
+                                         var=qv))
+                print(f"  variant {qv[0]}: dq {t*1e3:.3f} ms", flush=True)
+            for kv in WG_DKDV_VARIANTS[D]:
+                t = timed(lambda: bwd_wg("dkdv", q, k, v, g, lse_w, delta, dqkv, scale, window,
+                                         None, var=kv))
+                print(f"  variant {kv[0]}: dkdv+reduce {t*1e3:.3f} ms", flush=True)
     if variants:
         D = tiles(d)[0]
         for fv in FWD_VARIANTS[D]:
@@ -358,7 +494,20 @@ def main():
     ap.add_argument("--quick", action="store_true", help="correctness of small shapes only")
     ap.add_argument("--variants", action="store_true",
                     help="also check and time the alternative instantiations (FWD_VARIANTS, ...)")
+    ap.add_argument("--cubin", help="module built by --build-cubin (adds the wgmma kernels)")
+    ap.add_argument("--build-cubin", metavar="OUT", help="compile for sm_90a into OUT and exit")
+    ap.add_argument("--only-wg", action="store_true", help="benchmark T = 4096, d = 64 and 128 only")
     args = ap.parse_args()
+    global MOD, WG
+    if args.build_cubin:
+        build_cubin(args.build_cubin)
+        return
+    if cp is None:
+        sys.exit("flash_check.py needs CuPy, NumPy and PyTorch (only --build-cubin does not)")
+    if args.cubin:
+        MOD, WG = cp.RawModule(path=args.cubin), True
+    else:
+        MOD = cp.RawModule(code=SRC, backend="nvrtc", options=("-lineinfo",))
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__} cupy {cp.__version__} "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     cases = [
@@ -382,8 +531,9 @@ def main():
     if not args.quick:
         for d in (64, 128):
             bench(4096, 32, 8, d, variants=args.variants)
-        bench(4096, 32, 8, 128, window=1024, variants=args.variants)
-        bench(1024, 32, 8, 128, variants=args.variants)
+        if not args.only_wg:
+            bench(4096, 32, 8, 128, window=1024, variants=args.variants)
+            bench(1024, 32, 8, 128, variants=args.variants)
     print("ALL OK" if ok else "FAILURES", flush=True)
     sys.exit(0 if ok else 1)
 

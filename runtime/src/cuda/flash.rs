@@ -11,6 +11,11 @@
 //!   one CTA per (key block, query head) producing dK, dV and dQ; dQ is summed over key blocks
 //!   in f32 scratch in key-block order, enforced by a counter per (head, query tile).
 //!
+//! On a compute capability 9.0 device (H100/H200) the module is flash_attn.cu and
+//! flash_wgmma.cu compiled together for `sm_90a`, and head dims 33..=128 run the warpgroup-MMA
+//! (`wgmma`) forward, dQ and dK/dV kernels instead (same grids' meaning, semantics, numerics and
+//! determinism; `WgTiles`); d ≤ 32 and the one-pass backward keep the `mma.sync` kernels.
+//!
 //! Either way the dK/dV f32 partials of a GQA group's heads are summed by a small kernel in a
 //! fixed order; no result depends on the order in which CTAs run (bitwise reproducible).
 //!
@@ -29,6 +34,13 @@ use std::sync::Arc;
 
 /// CUDA C source of the flash attention kernels.
 const SOURCE: &str = include_str!("flash_attn.cu");
+
+/// The same followed by the wgmma kernels (which use its helpers), compiled for `sm_90a`:
+/// `wgmma.mma_async` exists only there (not on sm_100 or later either).
+const SOURCE_SM90A: &str = concat!(
+    include_str!("flash_attn.cu"),
+    include_str!("flash_wgmma.cu")
+);
 
 /// Padded head widths the kernels are instantiated for (`flash_fwd_d{D}` …); a head dim
 /// `d ≤ D` runs in the smallest, with columns `d..D` zero-filled.
@@ -179,6 +191,95 @@ impl Tiles {
     }
 }
 
+/// Padded head widths with wgmma kernels (`flash_*_wg_d{D}`): a 64-column tile is the
+/// 128-byte swizzle's width, so d ≤ 32 stays on the `mma.sync` kernels.
+const WG_WIDTHS: [usize; 2] = [64, 128];
+
+/// Launch geometry of the wgmma kernels of one padded width, as the instantiations at the end
+/// of flash_wgmma.cu (which must match). A warpgroup (128 threads) owns 64 query rows (forward,
+/// dQ) or 64 keys (dK/dV). Measured on an H200 (notes/CUDA.md, T = 4096, 32/8 heads, causal):
+/// more warpgroups per SM (one's softmax overlaps another's products) won wherever the
+/// registers allowed — D = 128: forward 2 warpgroups × 2 CTAs/SM with 64-key tiles, 1.18× over
+/// 3 warpgroups with 128-key tiles; dQ 3 warpgroups, 1.16× over 2; D = 64: forward and dK/dV
+/// one warpgroup per CTA (1.3× and 1.4× over two), dQ two at 2 CTAs/SM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct WgTiles {
+    /// Padded head width `D`.
+    width: usize,
+    /// Warpgroups of the forward kernel.
+    fwd_groups: usize,
+    /// Key tile of the forward kernel.
+    fwd_bc: usize,
+    /// Warpgroups of the dQ kernel.
+    dq_groups: usize,
+    /// Key tile of the dQ kernel.
+    dq_bc: usize,
+    /// Warpgroups of the dK/dV kernel.
+    dkdv_groups: usize,
+    /// Query tile of the dK/dV kernel.
+    bq: usize,
+}
+
+impl WgTiles {
+    fn for_width(width: usize) -> WgTiles {
+        let narrow = width == 64;
+        WgTiles {
+            width,
+            fwd_groups: if narrow { 1 } else { 2 },
+            fwd_bc: if narrow { 128 } else { 64 },
+            dq_groups: if narrow { 2 } else { 3 },
+            dq_bc: 64,
+            dkdv_groups: if narrow { 1 } else { 2 },
+            bq: 64,
+        }
+    }
+
+    /// The width for head dim `d`, `None` where the wgmma kernels do not apply.
+    fn of(d: usize) -> Option<WgTiles> {
+        match d {
+            33..=64 => Some(Self::for_width(64)),
+            65..=128 => Some(Self::for_width(128)),
+            _ => None,
+        }
+    }
+
+    /// Bytes of one tile row (no padding: the swizzle keeps wgmma's reads conflict-free).
+    fn row_bytes(&self) -> usize {
+        self.width * 2
+    }
+
+    /// The kernels round their shared memory up to the swizzle's 1024-byte period.
+    const ALIGN: usize = 1024;
+
+    fn fwd_smem(&self) -> usize {
+        Self::ALIGN + (64 * self.fwd_groups + 4 * self.fwd_bc) * self.row_bytes()
+    }
+
+    fn dq_smem(&self) -> usize {
+        Self::ALIGN + (128 * self.dq_groups + 4 * self.dq_bc) * self.row_bytes()
+    }
+
+    fn dkdv_smem(&self) -> usize {
+        Self::ALIGN + (128 * self.dkdv_groups + 4 * self.bq) * self.row_bytes() + 16 * self.bq
+    }
+}
+
+/// The wgmma kernels of one padded width.
+struct WgKernels {
+    tiles: WgTiles,
+    fwd: CudaFunction,
+    dq: CudaFunction,
+    dkdv: CudaFunction,
+}
+
+/// A kernel with its launch geometry: rows (queries or keys) per CTA, threads, shared memory.
+struct Launch<'a> {
+    f: &'a CudaFunction,
+    rows: usize,
+    threads: usize,
+    smem: usize,
+}
+
 /// CTAs that share one key block of the dK/dV kernel: one per query head of the GQA group.
 /// Measured on an H200 (notes/CUDA.md, T = 4096, 32/8 heads): against one CTA for the whole
 /// group, 1.33× faster at d = 64 and 2.6× at T = 1024, d = 128 (the unsplit grid is a handful
@@ -200,14 +301,27 @@ struct WidthKernels {
 /// Flash attention kernels, compiled once for one device.
 pub(crate) struct Flash {
     widths: Vec<WidthKernels>,
+    /// wgmma kernels (compute capability 9.0 only; else empty).
+    wg: Vec<WgKernels>,
     delta: CudaFunction,
     dkdv_reduce: CudaFunction,
 }
 
-/// Compiles flash_attn.cu with NVRTC for `arch` (`sm_90`); a compile error carries NVRTC's
-/// log. Needs only libnvrtc (no GPU).
+/// Compiles flash_attn.cu with NVRTC for `arch` (`sm_80`, …), or on `sm_90` flash_attn.cu with
+/// flash_wgmma.cu for `sm_90a`; a compile error carries NVRTC's log. Needs only libnvrtc (no
+/// GPU).
 pub(crate) fn compile_flash(arch: &'static str) -> Result<cudarc::nvrtc::Ptx, KernelError> {
-    super::nvrtc_cache::compile_with(SOURCE, arch, "flash_attn.cu", true)
+    if has_wgmma(arch) {
+        super::nvrtc_cache::compile_with(SOURCE_SM90A, "sm_90a", "flash_wgmma.cu", true)
+    } else {
+        super::nvrtc_cache::compile_with(SOURCE, arch, "flash_attn.cu", true)
+    }
+}
+
+/// Whether `arch` has warpgroup MMA: compute capability 9.0 exactly (`wgmma` is an `sm_90a`
+/// feature, absent from later architectures).
+fn has_wgmma(arch: &str) -> bool {
+    arch_number(arch) == Some(90)
 }
 
 /// `sm_90` → 90; `None` for a string that is not `sm_<digits>`.
@@ -263,6 +377,20 @@ impl Flash {
                 fused: load(&format!("flash_bwd_fused_d{w}"), tiles.fused_smem())?,
             });
         }
+        let mut wg = Vec::new();
+        // QPLC_NO_WGMMA=1 keeps a 9.0 device on the mma.sync kernels (A/B timing, or a way
+        // around a driver that mishandles sm_90a code).
+        if has_wgmma(arch) && std::env::var_os("QPLC_NO_WGMMA").is_none() {
+            for w in WG_WIDTHS {
+                let tiles = WgTiles::for_width(w);
+                wg.push(WgKernels {
+                    tiles,
+                    fwd: load(&format!("flash_fwd_wg_d{w}"), tiles.fwd_smem())?,
+                    dq: load(&format!("flash_bwd_dq_wg_d{w}"), tiles.dq_smem())?,
+                    dkdv: load(&format!("flash_bwd_dkdv_wg_d{w}"), tiles.dkdv_smem())?,
+                });
+            }
+        }
         let plain = |name: &str| {
             module
                 .load_function(name)
@@ -270,9 +398,75 @@ impl Flash {
         };
         Ok(Flash {
             widths,
+            wg,
             delta: plain("flash_bwd_delta")?,
             dkdv_reduce: plain("flash_bwd_dkdv_reduce")?,
         })
+    }
+
+    /// The wgmma kernels for head dim `d` where the device has them and they take `d`.
+    fn wg_kernels(&self, d: usize) -> Option<&WgKernels> {
+        let width = WgTiles::of(d)?.width;
+        self.wg.iter().find(|k| k.tiles.width == width)
+    }
+
+    /// The forward kernel for head dim `d` with its geometry.
+    fn fwd_launch(&self, d: usize) -> Launch<'_> {
+        match self.wg_kernels(d) {
+            Some(w) => Launch {
+                f: &w.fwd,
+                rows: 64 * w.tiles.fwd_groups,
+                threads: 128 * w.tiles.fwd_groups,
+                smem: w.tiles.fwd_smem(),
+            },
+            None => {
+                let k = self.kernels(d);
+                Launch {
+                    f: &k.fwd,
+                    rows: k.tiles.fwd_block(),
+                    threads: 32 * k.tiles.fwd_warps,
+                    smem: k.tiles.fwd_smem(),
+                }
+            }
+        }
+    }
+
+    /// The dQ and dK/dV kernels of the two-kernel backward for head dim `d`.
+    fn bwd_launches(&self, d: usize) -> (Launch<'_>, Launch<'_>) {
+        match self.wg_kernels(d) {
+            Some(w) => (
+                Launch {
+                    f: &w.dq,
+                    rows: 64 * w.tiles.dq_groups,
+                    threads: 128 * w.tiles.dq_groups,
+                    smem: w.tiles.dq_smem(),
+                },
+                Launch {
+                    f: &w.dkdv,
+                    rows: 64 * w.tiles.dkdv_groups,
+                    threads: 128 * w.tiles.dkdv_groups,
+                    smem: w.tiles.dkdv_smem(),
+                },
+            ),
+            None => {
+                let k = self.kernels(d);
+                let t = k.tiles;
+                (
+                    Launch {
+                        f: &k.dq,
+                        rows: t.dq_block(),
+                        threads: 32 * t.bwd_warps,
+                        smem: t.dq_smem(),
+                    },
+                    Launch {
+                        f: &k.dkdv,
+                        rows: 16 * t.bwd_warps,
+                        threads: 32 * t.bwd_warps,
+                        smem: t.dkdv_smem(),
+                    },
+                )
+            }
+        }
     }
 
     fn kernels(&self, d: usize) -> &WidthKernels {
@@ -415,12 +609,12 @@ impl Flash {
         unsafe { b.launch(cfg) }.map_err(|e| cuda_err(op, "flash_bwd_delta launch", e))?;
 
         let kern = self.kernels(dims.d);
-        let tl = kern.tiles;
         let a = Args::new(dims);
         if one_pass && a.window == 0 {
             return self.launch_fused(op, stream, kern, [q, k, v, g], lse, &delta, dqkv, dims, &a);
         }
-        let mut b = stream.launch_builder(&kern.dq);
+        let (dq, dkdv) = self.bwd_launches(dims.d);
+        let mut b = stream.launch_builder(dq.f);
         b.arg(q)
             .arg(k)
             .arg(v)
@@ -429,11 +623,11 @@ impl Flash {
             .arg(&delta)
             .arg(&mut *dqkv);
         a.push(&mut b);
-        // SAFETY: flash_bwd_dq_d{D}(q, k, v, go, lse, delta, dqkv, T, nh, nkv, d, scale,
-        // window, cap) (DQ in flash_attn.cu); buffer sizes checked above; the shared memory
-        // was granted in `new`.
-        let grid = t.div_ceil(tl.dq_block()) * nh;
-        unsafe { b.launch(config(grid, 32 * tl.bwd_warps, tl.dq_smem())) }
+        // SAFETY: flash_bwd_dq_d{D} / flash_bwd_dq_wg_d{D}(q, k, v, go, lse, delta, dqkv, T,
+        // nh, nkv, d, scale, window, cap) (DQ in flash_attn.cu, DQ_WG in flash_wgmma.cu);
+        // buffer sizes checked above; the shared memory was granted in `new`.
+        let grid = t.div_ceil(dq.rows) * nh;
+        unsafe { b.launch(config(grid, dq.threads, dq.smem)) }
             .map_err(|e| cuda_err(op, "flash_bwd_dq launch", e))?;
 
         let nsplit = dkdv_splits(dims);
@@ -449,7 +643,7 @@ impl Flash {
         };
         let null: u64 = 0;
         let nsplit_i = nsplit as i32;
-        let mut b = stream.launch_builder(&kern.dkdv);
+        let mut b = stream.launch_builder(dkdv.f);
         b.arg(q)
             .arg(k)
             .arg(v)
@@ -463,12 +657,12 @@ impl Flash {
         };
         b.arg(&nsplit_i);
         a.push(&mut b);
-        let grid = t.div_ceil(16 * tl.bwd_warps) * dims.nkv * nsplit;
-        // SAFETY: flash_bwd_dkdv_d{D}(q, k, v, go, lse, delta, dqkv, part (null when nsplit
-        // is 1, never read then), nsplit, T, nh, nkv, d, scale, window, cap) (DKDV in
-        // flash_attn.cu); part holds nsplit·T·2·nkv·d floats; the shared memory was granted
-        // in `new`.
-        unsafe { b.launch(config(grid, 32 * tl.bwd_warps, tl.dkdv_smem())) }
+        let grid = t.div_ceil(dkdv.rows) * dims.nkv * nsplit;
+        // SAFETY: flash_bwd_dkdv_d{D} / flash_bwd_dkdv_wg_d{D}(q, k, v, go, lse, delta, dqkv,
+        // part (null when nsplit is 1, never read then), nsplit, T, nh, nkv, d, scale, window,
+        // cap) (DKDV in flash_attn.cu, DKDV_WG in flash_wgmma.cu); part holds
+        // nsplit·T·2·nkv·d floats; the shared memory was granted in `new`.
+        unsafe { b.launch(config(grid, dkdv.threads, dkdv.smem)) }
             .map_err(|e| cuda_err(op, "flash_bwd_dkdv launch", e))?;
         match &part {
             Some(p) => self.launch_reduce(op, stream, p, dqkv, nsplit_i, &a),
@@ -586,22 +780,22 @@ impl Flash {
         lse: Option<&mut CudaSlice<f32>>,
         dims: &AttnDims,
     ) -> Result<(), KernelError> {
-        let kern = self.kernels(dims.d);
-        let tl = kern.tiles;
+        let fwd = self.fwd_launch(dims.d);
         let a = Args::new(dims);
         let null: u64 = 0;
-        let mut b = stream.launch_builder(&kern.fwd);
+        let mut b = stream.launch_builder(fwd.f);
         b.arg(q).arg(k).arg(v).arg(out);
         match lse {
             Some(l) => b.arg(l),
             None => b.arg(&null),
         };
         a.push(&mut b);
-        let grid = dims.t.div_ceil(tl.fwd_block()) * dims.nh;
-        // SAFETY: flash_fwd_d{D}(q, k, v, o, lse (may be null), T, nh, nkv, d, scale, window,
-        // cap) (FWD in flash_attn.cu); buffer sizes checked by the caller; lse, when given,
-        // holds nh·T floats; the shared memory was granted in `new`.
-        unsafe { b.launch(config(grid, 32 * tl.fwd_warps, tl.fwd_smem())) }
+        let grid = dims.t.div_ceil(fwd.rows) * dims.nh;
+        // SAFETY: flash_fwd_d{D} / flash_fwd_wg_d{D}(q, k, v, o, lse (may be null), T, nh,
+        // nkv, d, scale, window, cap) (FWD in flash_attn.cu, FWD_WG in flash_wgmma.cu); buffer
+        // sizes checked by the caller; lse, when given, holds nh·T floats; the shared memory
+        // was granted in `new`.
+        unsafe { b.launch(config(grid, fwd.threads, fwd.smem)) }
             .map_err(|e| cuda_err(op, "flash_fwd launch", e))?;
         Ok(())
     }
@@ -704,10 +898,11 @@ mod tests {
     }
 
     #[test]
-    fn flash_kernels_compile_with_nvrtc_for_hopper() {
-        match compile_flash("sm_90") {
+    fn flash_kernels_compile_with_nvrtc_for_ampere() {
+        match compile_flash("sm_80") {
             Ok(ptx) => {
                 let src = ptx.to_src();
+                assert!(!src.contains("wgmma"), "wgmma kernels compiled for sm_80");
                 for w in WIDTHS {
                     for k in [
                         "flash_fwd",
@@ -728,6 +923,77 @@ mod tests {
             }
             Err(e) => panic!("{e}"),
         }
+    }
+
+    /// On sm_90 the module is compiled for sm_90a with the wgmma kernels next to every
+    /// `mma.sync` one (the fallbacks for d ≤ 32 and the one-pass backward).
+    #[test]
+    fn flash_kernels_compile_with_nvrtc_for_hopper_with_wgmma() {
+        match compile_flash("sm_90") {
+            Ok(ptx) => {
+                let src = ptx.to_src();
+                assert!(src.contains(".target sm_90a"), "not compiled for sm_90a");
+                for w in WG_WIDTHS {
+                    for k in ["flash_fwd_wg", "flash_bwd_dq_wg", "flash_bwd_dkdv_wg"] {
+                        let entry = format!(".entry {k}_d{w}(");
+                        assert!(src.contains(&entry), "missing {entry}");
+                    }
+                }
+                for w in WIDTHS {
+                    assert!(src.contains(&format!(".entry flash_fwd_d{w}(")));
+                    assert!(src.contains(&format!(".entry flash_bwd_fused_d{w}(")));
+                }
+                assert!(src.contains("wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16"));
+                assert!(src.contains("fence.proxy.async.shared::cta"));
+            }
+            Err(e) if e.message.contains("could not be loaded") => {
+                eprintln!("SKIPPED: libnvrtc not found ({e})")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn only_compute_capability_9_0_gets_wgmma() {
+        assert!(has_wgmma("sm_90"));
+        assert!(has_wgmma("sm_90a"));
+        for arch in ["sm_80", "sm_86", "sm_89", "sm_100", "sm_120"] {
+            assert!(!has_wgmma(arch), "{arch}");
+        }
+    }
+
+    #[test]
+    fn wgmma_widths_cover_head_dims_33_to_128() {
+        let widths: Vec<Option<usize>> = [8, 32, 33, 64, 72, 96, 128, 136]
+            .map(|d| WgTiles::of(d).map(|t| t.width))
+            .into();
+        assert_eq!(
+            widths,
+            [
+                None,
+                None,
+                Some(64),
+                Some(64),
+                Some(128),
+                Some(128),
+                Some(128),
+                None
+            ]
+        );
+    }
+
+    #[test]
+    fn wgmma_shared_memory_fits_a_hopper_block() {
+        for w in WG_WIDTHS {
+            let t = WgTiles::for_width(w);
+            for smem in [t.fwd_smem(), t.dq_smem(), t.dkdv_smem()] {
+                assert!(smem <= 227 * 1024, "D = {w}: {smem} bytes");
+            }
+        }
+        // Two warpgroups of 64 rows, double-buffered 64-key K and V tiles, alignment: two
+        // CTAs fit an SM.
+        assert_eq!(WgTiles::for_width(128).fwd_smem(), 1024 + (128 + 256) * 256);
+        assert!(2 * WgTiles::for_width(128).fwd_smem() <= 227 * 1024);
     }
 
     #[test]
@@ -877,9 +1143,6 @@ mod tests {
     /// numerics and speed against PyTorch in depth.
     #[test]
     fn flash_matches_the_cpu_backend_on_a_gpu() {
-        use crate::tensor::{Data, HostTensor};
-        use crate::CpuBackend;
-        use qplc_ops::Op;
         let opened = with_libraries(|| {
             let ctx = CudaContext::new(0).map_err(|e| cuda_err("cuda", "GPU 0", e))?;
             let (major, minor) = ctx
@@ -895,7 +1158,22 @@ mod tests {
             }
         };
         let arch: &'static str = Box::leak(arch.into_boxed_str());
-        let flash = Flash::new(&ctx, arch).unwrap();
+        let with_wg = Flash::new(&ctx, arch).unwrap();
+        // On a 9.0 device the same cases through the mma.sync kernels as well.
+        let mut plain = Flash::new(&ctx, arch).unwrap();
+        if plain.wg.is_empty() {
+            eprintln!("no wgmma kernels on {arch}: mma.sync kernels only");
+        }
+        plain.wg.clear();
+        for flash in [&with_wg, &plain] {
+            run_cases(&ctx, flash);
+        }
+    }
+
+    fn run_cases(ctx: &Arc<CudaContext>, flash: &Flash) {
+        use crate::tensor::{Data, HostTensor};
+        use crate::CpuBackend;
+        use qplc_ops::Op;
         let stream = ctx.default_stream();
         let cpu = CpuBackend::new();
         let f32s = |h: HostTensor| match h.data {
@@ -1022,7 +1300,11 @@ mod tests {
             }
             for (name, got, want) in parts {
                 let e = rel_err(&got, &want);
-                assert!(e <= 1e-2, "{dims:?}: {name} relative error {e:.2e}");
+                let wg = flash.wg_kernels(d).is_some();
+                assert!(
+                    e <= 1e-2,
+                    "{dims:?} (wgmma: {wg}): {name} relative error {e:.2e}"
+                );
             }
         }
     }
