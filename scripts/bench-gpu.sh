@@ -17,14 +17,15 @@ done
 export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 date -u
-(timeout 120 ./qplc cuda-check --model llama-gqa 2>&1 | tail -12) | tee $OUT/check.txt
-# --gc: per-layer checkpointing (what PEFT's gradient_checkpointing does); --gc-auto: the
-# selective (min-cut) policy; QPLC_BENCH_NO_FUSE=1: the same step without elementwise fusion.
-for a in "llama-1b lora --gc" "llama-8b lora --gc" "llama-1b full --gc" "llama-1b lora --gc-auto" \
-         "llama-8b lora --gc-auto" "llama-1b full --gc-auto"; do
-  set -- $a
-  timeout 170 ./qplc bench --shape $1 --mode $2 --seq 4096 $3 --steps 5 --warmup 2 2>&1 | tail -5 | tee -a $OUT/qplc.txt
-done
-QPLC_BENCH_NO_FUSE=1 timeout 170 ./qplc bench --shape llama-8b --mode lora --seq 4096 --gc --steps 5 --warmup 2 2>&1 \
-  | tail -5 | sed 's/^bench /bench (no fusion) /' | tee -a $OUT/qplc.txt
-timeout 280 python3 peft_baseline.py llama-1b:lora:4096:gc llama-8b:lora:4096:gc llama-1b:full:4096:gc 2>&1 | grep -v Warning | tee $OUT/peft.txt
+(timeout 120 ./qplc cuda-check --model llama-gqa > $OUT/check-full.txt 2>&1; tail -14 $OUT/check-full.txt; grep -iE "fail" $OUT/check-full.txt | head -20) | tee $OUT/check.txt
+# --gc-auto: the selective (min-cut) policy; --gc: per-layer checkpointing (what PEFT's
+# gradient_checkpointing does). The rows at the targets first, then PEFT, then the rest.
+bench() { timeout 100 ./qplc bench --shape $1 --mode $2 --seq 4096 $3 --steps 5 --warmup 2 2>&1 | tail -5 | tee -a $OUT/qplc.txt; }
+bench llama-8b lora --gc-auto; bench llama-1b full --gc-auto; bench llama-1b lora --gc-auto
+timeout 200 python3 peft_baseline.py llama-1b:lora:4096:gc llama-8b:lora:4096:gc llama-1b:full:4096:gc 2>&1 | grep -v Warning | tee $OUT/peft.txt
+date -u
+bench llama-8b lora --gc; bench llama-1b full --gc; bench llama-1b lora --gc
+# Per-op times (a sync after each op) and the optimiser step.
+QPLC_PROFILE=1 timeout 60 ./qplc bench --shape llama-1b --mode full --seq 4096 --gc-auto --steps 1 --warmup 1 > $OUT/prof-1bfull.txt 2>&1
+QPLC_PROFILE=1 timeout 80 ./qplc bench --shape llama-8b --mode lora --seq 4096 --gc-auto --steps 1 --warmup 1 > $OUT/prof-8b.txt 2>&1
+date -u
