@@ -197,6 +197,35 @@ fn a_run_writes_the_reference_layout_and_tensorboard_tags() {
         scalars.iter().filter(|(t, _, _)| t == "train/loss").count(),
         35
     );
+    // "all-linear" is written as the adapted modules, every one of them and nothing else
+    // (the trained graph's adapter products are linears too, and `accumulate` turns some base
+    // products into matmuls), and the adapter reads back (README's quick start).
+    let acfg: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(run_dir.join("epoch1/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let want = [
+        "down_proj",
+        "gate_proj",
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "up_proj",
+        "v_proj",
+    ];
+    assert_eq!(acfg["target_modules"], serde_json::json!(want));
+    let out = Command::new(env!("CARGO_BIN_EXE_qplc"))
+        .current_dir(root())
+        .args(["score", "--model", "tests/fixtures/llama-gqa", "--adapter"])
+        .arg(run_dir.join("epoch1"))
+        .args(["--text", "examples/data/tiny.txt", "--seq-len", "64"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "score --adapter failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// `config` with LoRA dropout switched on.

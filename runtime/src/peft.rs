@@ -47,17 +47,25 @@ impl AdapterConfig {
     /// The config of an adapter trained with `pass` on the model at `base_model`. An
     /// "all-linear" target is written as the sorted short names of the adapted modules,
     /// because PEFT refuses `layers_to_transform` together with a string `target_modules`.
+    /// The adapted modules are read from the graph's adapter weights, not from its `Linear`
+    /// nodes: after the passes the adapters' own products are linears too, and a base
+    /// product may have become an accumulating `MatMul` (`accumulate` pass).
     pub fn from_pass(pass: &LoraPass, graph: &Graph, base_model: &str) -> Result<AdapterConfig> {
         let target_modules = match &pass.selection.modules {
             ModuleMatch::AllLinear => {
-                let mut names: Vec<String> = pass
-                    .selection
-                    .resolve(graph)?
-                    .into_iter()
-                    .map(|id| short_name(&graph.node(id).module).to_string())
+                let mut names: Vec<String> = graph
+                    .weights()
+                    .iter()
+                    .filter_map(|(name, _)| parse_lora_weight_name(name))
+                    .map(|(module, _)| short_name(module).to_string())
                     .collect();
                 names.sort();
                 names.dedup();
+                if names.is_empty() {
+                    bail!(
+                        "the trained graph has no LoRA weights to describe in adapter_config.json"
+                    );
+                }
                 ModuleMatch::Names(names)
             }
             other => other.clone(),
