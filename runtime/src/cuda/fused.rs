@@ -246,6 +246,14 @@ impl FusedKernels {
     }
 }
 
+/// Each operand's storage kind (f32 for an operand the chain does not read).
+fn storages_of(inputs: &[Option<Operand>]) -> Vec<Float> {
+    inputs
+        .iter()
+        .map(|i| i.as_ref().map_or(Float::F32, |o| o.0))
+        .collect()
+}
+
 /// kernels.cu's element functions, and loads/stores of both storage kinds.
 fn prelude() -> String {
     let begin = KERNELS
@@ -564,10 +572,7 @@ fn kernel_body(
     let mut s = String::new();
     eval_fn(&mut s, steps, types, inputs.len(), None);
     offset_fns(&mut s, inputs);
-    let storages: Vec<Float> = inputs
-        .iter()
-        .map(|i| i.as_ref().map_or(Float::F32, |o| o.0))
-        .collect();
+    let storages = storages_of(inputs);
     let mut sig = signature(inputs, &storages, out);
     sig.push("long long n".into());
     let _ = writeln!(
@@ -621,10 +626,7 @@ fn product_kernel_body(
     let _ = writeln!(s, "{}", super::skinny::outer_tile_source());
     eval_fn(&mut s, steps, types, inputs.len(), Some(at));
     offset_fns(&mut s, inputs);
-    let storages: Vec<Float> = inputs
-        .iter()
-        .map(|i| i.as_ref().map_or(Float::F32, |o| o.0))
-        .collect();
+    let storages = storages_of(inputs);
     let mut sig = signature(inputs, &storages, out);
     sig.push("const SkinnyArgs s".into());
     let with = |args: Vec<String>, acc: &str| {
